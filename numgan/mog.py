@@ -209,6 +209,8 @@ def train(method: str = "conopt", n_seeds: int = 1, n_iters: int = 20_000, seed:
         state = torch.load(ckpt, map_location=device, weights_only=False)
         G.load_state_dict(state["G"]), D.load_state_dict(state["D"]), opt.load_state_dict(state["opt"])
         gen.set_state(state["rng"].cpu() if device.type == "cpu" else state["rng"])
+        if "eval_rng" in state:  # the loss-logging batches come from eval_gen: resume its stream too
+            eval_gen.set_state(state["eval_rng"].cpu() if device.type == "cpu" else state["eval_rng"])
         hist, diverged, start, seconds = state["hist"], state["diverged"], state["iter"], state["seconds"]
 
     last = {}
@@ -229,7 +231,8 @@ def train(method: str = "conopt", n_seeds: int = 1, n_iters: int = 20_000, seed:
 
     def save_checkpoint(it):
         state = {"G": G.state_dict(), "D": D.state_dict(), "opt": opt.state_dict(), "rng": gen.get_state(),
-                 "hist": hist, "diverged": diverged, "iter": it, "seconds": seconds}
+                 "eval_rng": eval_gen.get_state(), "hist": hist, "diverged": diverged, "iter": it,
+                 "seconds": seconds}
         tmp = ckpt.with_suffix(".tmp")
         torch.save(state, tmp)
         import os
@@ -281,3 +284,19 @@ def train(method: str = "conopt", n_seeds: int = 1, n_iters: int = 20_000, seed:
         "loss_g": np.stack(hist["loss_g"]), "diverged_at": diverged, "real": real.cpu().numpy(),
         "seconds": seconds,
     }
+
+
+def run(method: str, n_seeds: int = 1, n_iters: int = 20_000, seed: int = 0, lr: float = 1e-4,
+        gamma: float = 10.0, batch_size: int = 512, objective: str = "standard", snapshot_every: int = 500,
+        device="cpu", force: bool = False, progress: bool = False) -> dict:
+    """:func:`train` through the run cache (group ``mog``), checkpointing into the run directory.
+
+    Figures 2 and 3 call this with the same configuration and so share one run (spec table 4a, M-con).
+    The device is not part of the cache key.
+    """
+    from . import runs
+
+    cfg = dict(method=method, n_seeds=n_seeds, n_iters=n_iters, seed=seed, lr=lr, gamma=gamma,
+               batch_size=batch_size, objective=objective, snapshot_every=snapshot_every)
+    return runs.cached("mog", method, cfg, lambda d: train(**cfg, device=device, run_dir=d, progress=progress),
+                       force=force)

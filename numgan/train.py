@@ -1,0 +1,295 @@
+"""Image-GAN training (spec 1.6; paper Sec. 5 and supplement): any objective x any game optimiser x any
+architecture, configured by one small :class:`TrainConfig` that is saved with the run.
+
+One loop iteration = one game-optimiser step (for AltGA: one D step and one G step). Every
+``log_every`` iterations the two losses of that step's minibatch are logged ([DEFAULT] 10; the authors'
+TensorBoard logged every 15 s of wall clock on a fresh batch, spec D-11: we log the step's own losses,
+which needs no extra forward pass that would also move the batch-norm statistics). Evaluation fires
+when ``iteration % eval_every == 0`` after that iteration's update (so "iteration 0" is after one
+update, as in the authors' code): an 8x8 sample grid from a fixed latent batch z_test, G in eval mode,
+and, when enabled, the Inception Score under the paper's protocol and FID (numgan.metrics). Only the
+time spent in training steps is accumulated as ``wall_clock`` (logged next to the scores, spec 1.6).
+
+Robustness: the state is checkpointed atomically (temporary file + ``os.replace``) every
+``checkpoint_every`` iterations into the run directory and a rerun resumes exactly where it stopped
+(models, optimiser, data order and random-number state), so an interrupted run loses at most the work
+since the last checkpoint. A run whose losses become non-finite or exceed ``explode_at`` in absolute
+value is stopped and recorded as diverged at that iteration (``status = "diverged"``), keeping
+everything logged so far.
+"""
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import objectives, runs
+from .data import ImageSampler, load_images, resolve_dataset
+from .models import build_models
+from .optim import OPTIMIZERS, make_game_optimizer
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Defaults are the paper's CIFAR-10 settings (spec 1.8: z 256, f 64, batch 64,
+    lr 1e-4, 150k iterations, evaluation every 1000); ``gamma`` is used by ConOpt and smoothing only."""
+
+    dataset: str = "cifar10"        # "cifar10", "celeba", "synthetic" or a folder/zip of images
+    arch: str = "dcgan4_nobn"       # numgan.models.ARCHITECTURES
+    method: str = "conopt"          # simga | altga | conopt | smooth | clip
+    objective: str = "standard"     # standard | JS | KL | tv | indicator
+    lr: float = 1e-4                # TF-1 RMSProp learning rate
+    gamma: float = 10.0             # consensus weight (ConOpt, smoothing) or clip norm
+    batch_size: int = 64
+    n_iters: int = 150_000
+    z_dim: int = 256
+    f_dim: int = 64
+    image_size: int = 32            # 32 for CIFAR-10, 64 for CelebA
+    crop: Optional[int] = None      # CelebA centre-crop side for 178x218 images (spec: 160)
+    data_limit: Optional[int] = None  # use only the first N images (smoke runs)
+    eval_every: int = 1000          # ntest: sample grid (+ IS/FID) every this many iterations
+    log_every: int = 10             # loss logging interval
+    inception: bool = True          # Inception Score at each evaluation (CIFAR runs in the paper)
+    fid: bool = False               # FID against the training set's statistics
+    n_eval_samples: int = 6400      # paper: 100 x 64 samples, 10 splits
+    is_splits: int = 10
+    altga_d_steps: int = 1
+    altga_g_steps: int = 1
+    unbiased: bool = False          # ConOpt: unbiased two-minibatch estimate (supplement, Lemma 15)
+    smoothing_variant: str = "code"  # smoothing: "code" (the figures) or "paper" (spec D-5)
+    seed: int = 0
+    checkpoint_every: int = 5000
+    explode_at: float = 1e6         # |loss| above this counts as diverged
+    keep_grids: int = 0             # sample grids kept in the result: 0 = all evaluations
+
+    def validate(self) -> "TrainConfig":
+        from .models import ARCHITECTURES
+
+        if self.method not in OPTIMIZERS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {sorted(OPTIMIZERS)}")
+        if self.objective not in objectives.OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; choose one of {objectives.OBJECTIVES}")
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.arch!r}; choose one of {sorted(ARCHITECTURES)}")
+        for name in ("batch_size", "n_iters", "eval_every", "log_every", "checkpoint_every", "z_dim", "f_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        return self
+
+    def key_dict(self) -> dict:
+        """The configuration as a dict (what the run cache keys on)."""
+        return dataclasses.asdict(self)
+
+
+def _optimizer_kwargs(cfg: TrainConfig) -> dict:
+    if cfg.method == "altga":
+        return {"d_steps": cfg.altga_d_steps, "g_steps": cfg.altga_g_steps}
+    if cfg.method == "conopt":
+        return {"unbiased": cfg.unbiased}
+    if cfg.method == "smooth":
+        return {"variant": cfg.smoothing_variant}
+    return {}
+
+
+class Diverged(Exception):
+    pass
+
+
+def train(cfg: TrainConfig, run_dir=None, device="cpu", images: Optional[torch.Tensor] = None,
+          evaluator=None, progress: bool = False, data_root=None, max_iters: Optional[int] = None) -> dict:
+    """Train one GAN and return its history as a flat dict of arrays and scalars.
+
+    Args:
+        cfg: the run's configuration.
+        run_dir: directory for checkpoints (resumed from if one exists) and the final generator.
+        device: torch device for models and data (the uint8 training set is moved there once).
+        images: uint8 training images [N, C, H, W]; loaded from ``cfg.dataset`` if not given.
+        evaluator: a numgan.metrics.Evaluator (or anything with ``evaluate(sample_fn) -> dict``); built
+            from ``cfg.inception`` / ``cfg.fid`` when None and either is on.
+        max_iters: stop after this iteration (checkpointing first) even if ``cfg.n_iters`` is larger:
+            for splitting a long run over several time-limited jobs. The result is then marked
+            ``status = "partial"``.
+    Returns keys: ``eval_iters``, ``grids`` (uint8 [K, 64, C, H, W]), ``is_mean``, ``is_std``, ``fid``,
+    ``wall_clock`` [K]; ``log_iters``, ``loss_d``, ``loss_g`` [L]; ``status`` ("ok", "diverged",
+    "partial"), ``diverged_at`` (-1 if not), ``iters_done``, ``seconds_per_iter``, ``config``.
+    """
+    cfg.validate()
+    device = torch.device(device)
+    torch.manual_seed(cfg.seed)
+    if images is None:
+        images = load_images(cfg.dataset, data_root, image_size=cfg.image_size, crop=cfg.crop, limit=cfg.data_limit)
+    if images.shape[-1] != cfg.image_size:
+        raise ValueError(f"images are {tuple(images.shape[-2:])}, config says image_size={cfg.image_size}")
+    G, D = build_models(cfg.arch, image_size=cfg.image_size, z_dim=cfg.z_dim, f_dim=cfg.f_dim,
+                        channels=images.shape[1])
+    G, D = G.to(device), D.to(device)
+    opt = make_game_optimizer(cfg.method, G.parameters(), D.parameters(), lr=cfg.lr, gamma=cfg.gamma,
+                              **_optimizer_kwargs(cfg))
+    sampler = ImageSampler(images, cfg.batch_size, device=device, seed=cfg.seed)
+    zgen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    z_test = torch.randn(64, cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed + 2)).to(device)
+    sample_gen = torch.Generator(device=device).manual_seed(cfg.seed + 3)
+    if evaluator is None and (cfg.inception or cfg.fid):
+        from .metrics import Evaluator
+
+        evaluator = Evaluator(ref_images=images if cfg.fid else None, inception=cfg.inception, fid=cfg.fid,
+                              n_samples=cfg.n_eval_samples, splits=cfg.is_splits, device=device,
+                              ref_cache_path=Path(run_dir) / "fid_ref.npz" if (run_dir and cfg.fid) else None)
+    if evaluator is not None and hasattr(evaluator, "prepare"):
+        evaluator.prepare()   # fail now (missing Inception weights), not after the first 1000 iterations
+
+    hist = {k: [] for k in ("eval_iters", "grids", "is_mean", "is_std", "fid", "wall_clock",
+                            "log_iters", "loss_d", "loss_g")}
+    start, seconds, status, diverged_at = 0, 0.0, "ok", -1
+    ckpt = Path(run_dir) / "checkpoint.pt" if run_dir is not None else None
+    if ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        if state["config"] != cfg.key_dict():
+            raise ValueError(f"checkpoint {ckpt} belongs to another configuration; delete it or use force")
+        G.load_state_dict(state["G"]), D.load_state_dict(state["D"]), opt.load_state_dict(state["opt"])
+        sampler.load_state_dict(state["sampler"])
+        zgen.set_state(state["zgen"]), sample_gen.set_state(state["sample_gen"])
+        torch.set_rng_state(state["torch_rng"])
+        hist, start, seconds = state["hist"], state["iter"], state["seconds"]
+        status, diverged_at = state.get("status", "ok"), state.get("diverged_at", -1)
+
+    def closure(need_d=True, need_g=True):
+        z = torch.randn(cfg.batch_size, cfg.z_dim, generator=zgen, device=device)
+        x_fake = G(z)
+        d_fake = D(x_fake)  # D is called separately on the fake and the real batch (BN statistics, spec 1.2)
+        ld = objectives.loss_d(D(sampler()), d_fake, cfg.objective) if need_d else None
+        lg = objectives.loss_g(d_fake, cfg.objective) if need_g else None
+        return ld, lg
+
+    def sample_fn(n):
+        z = torch.randn(n, cfg.z_dim, generator=sample_gen, device=device)
+        return G(z)
+
+    def evaluate(it):
+        was_training = G.training
+        G.eval()
+        with torch.no_grad():
+            grid = G(z_test)
+            scores = evaluator.evaluate(sample_fn) if evaluator is not None else {}
+        G.train(was_training)
+        hist["eval_iters"].append(it)
+        hist["grids"].append(((grid.clamp(-1, 1) + 1) * 127.5).to(torch.uint8).cpu().numpy())
+        for k in ("is_mean", "is_std", "fid"):
+            v = scores.get(k)
+            hist[k].append(np.nan if v is None else float(v))
+        hist["wall_clock"].append(seconds)
+
+    def save_checkpoint(it):
+        state = {"config": cfg.key_dict(), "G": G.state_dict(), "D": D.state_dict(), "opt": opt.state_dict(),
+                 "sampler": sampler.state_dict(), "zgen": zgen.get_state(), "sample_gen": sample_gen.get_state(),
+                 "torch_rng": torch.get_rng_state(), "hist": hist, "iter": it, "seconds": seconds,
+                 "status": status, "diverged_at": diverged_at}
+        tmp = ckpt.with_name(ckpt.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, ckpt)
+
+    stop = cfg.n_iters if max_iters is None else min(cfg.n_iters, max_iters)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.n_iters, initial=start, desc=f"{cfg.arch} {cfg.method}", mininterval=2.0,
+                   unit="it", dynamic_ncols=True)
+    it = start
+    pending = []   # (iteration, loss tensors) not yet synchronised to the host
+    G.train(), D.train()
+    try:
+        for it in range(start, stop if status == "ok" else start):
+            t0 = time.perf_counter()
+            losses = opt.step(closure)
+            if it % cfg.log_every == 0:
+                pending.append((it, losses["loss_d"], losses["loss_g"]))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds += time.perf_counter() - t0
+            if len(pending) >= 10 or it % cfg.eval_every == 0 or it == stop - 1:
+                for i, ld, lg in pending:
+                    ld, lg = float(ld), float(lg)
+                    hist["log_iters"].append(i), hist["loss_d"].append(ld), hist["loss_g"].append(lg)
+                    if not (np.isfinite(ld) and np.isfinite(lg)) or max(abs(ld), abs(lg)) > cfg.explode_at:
+                        diverged_at = i
+                        raise Diverged
+                pending.clear()
+                if bar is not None:
+                    bar.set_postfix(loss_d=f"{hist['loss_d'][-1]:.3f}", loss_g=f"{hist['loss_g'][-1]:.3f}",
+                                    refresh=False)
+            if it % cfg.eval_every == 0:
+                evaluate(it)
+            if bar is not None:
+                bar.update(1)
+            if ckpt is not None and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < stop:
+                save_checkpoint(it + 1)
+        it = stop
+    except Diverged:
+        status = "diverged"
+        it = it + 1
+    finally:
+        if bar is not None:
+            bar.close()
+    if status == "ok" and stop < cfg.n_iters:
+        status = "partial"
+    if ckpt is not None:
+        save_checkpoint(it)
+        if status != "partial":
+            torch.save(G.state_dict(), Path(run_dir) / "generator.pt")
+    grids = hist["grids"][-cfg.keep_grids:] if cfg.keep_grids else hist["grids"]
+    eval_iters = np.array(hist["eval_iters"], dtype=np.int64)
+    n_done = max(it - start, 1)
+    return {
+        "eval_iters": eval_iters,
+        "grid_iters": eval_iters[len(eval_iters) - len(grids):],
+        "grids": np.stack(grids) if grids else np.zeros((0, 64, images.shape[1], cfg.image_size, cfg.image_size),
+                                                        np.uint8),
+        "is_mean": np.array(hist["is_mean"], dtype=np.float64), "is_std": np.array(hist["is_std"], dtype=np.float64),
+        "fid": np.array(hist["fid"], dtype=np.float64), "wall_clock": np.array(hist["wall_clock"]),
+        "log_iters": np.array(hist["log_iters"], dtype=np.int64),
+        "loss_d": np.array(hist["loss_d"]), "loss_g": np.array(hist["loss_g"]),
+        "status": status, "diverged_at": int(diverged_at), "iters_done": int(it),
+        "seconds_per_iter": seconds / max(it, 1) if start == 0 else seconds / max(it, 1),
+        "seconds": seconds, "config": cfg.key_dict(), "steps_this_call": int(n_done),
+    }
+
+
+def run(cfg: TrainConfig, device="cpu", force: bool = False, progress: bool = False, data_root=None,
+        images: Optional[torch.Tensor] = None, evaluator=None, max_iters: Optional[int] = None) -> dict:
+    """Train ``cfg`` through the run cache (numgan.runs): a finished run is loaded, an interrupted one
+    resumes from its checkpoint. Runs are grouped by dataset, so figures that share a configuration
+    share the run (spec table 4a). A ``partial`` result (``max_iters``) is returned but not cached."""
+    cfg.validate()
+    if images is None:
+        images = load_images(cfg.dataset, data_root, image_size=cfg.image_size, crop=cfg.crop, limit=cfg.data_limit)
+    kind, _ = resolve_dataset(cfg.dataset, data_root) if cfg.dataset != "synthetic" else ("synthetic", None)
+    key = {**cfg.key_dict(), "data_source": kind, "n_images": int(images.shape[0])}
+    group = Path(cfg.dataset).name if os.sep in cfg.dataset else cfg.dataset.split(":")[0]
+    name = f"{cfg.arch}-{cfg.method}-{cfg.objective}"
+    path = runs.run_path(group, name, key)
+    if not force and runs.is_done(path):
+        return runs.load_result(path)
+    result = {}
+
+    def fn(run_dir):
+        result.update(train(cfg, run_dir, device, images=images, evaluator=evaluator, progress=progress,
+                            max_iters=max_iters))
+        if result["status"] == "partial":
+            raise _Partial
+        return {k: v for k, v in result.items() if k != "config"}
+
+    try:
+        return runs.cached(group, name, key, fn, force=force)
+    except _Partial:
+        return result
+
+
+class _Partial(Exception):
+    pass
