@@ -80,8 +80,8 @@ ALIASES = {"LR-alt-3-1e-4": "C3-alt", "LR-alt-4-1e-4": "CMP-alt-0", "LR-con-3-1e
 SCALES = {
     # smoke: every notebook in seconds on a 2-core CPU (CI). Widths and batch shrink; the run table's
     # architecture, objective, method, lr and gamma stay.
-    "smoke": dict(f_dim=8, z_dim=16, batch_size=16, n_iters=24, eval_every=8, log_every=2, data_limit=512,
-                  n_eval_samples=64, is_splits=2, checkpoint_every=1000),
+    "smoke": dict(f_dim=8, z_dim=16, batch_size=16, n_iters=12, eval_every=4, log_every=1, data_limit=256,
+                  n_eval_samples=32, is_splits=2, checkpoint_every=1000),
     # full: the paper's settings (table above)
     "full": dict(),
 }
@@ -103,7 +103,7 @@ def config(run_id: str, scale: str = "full", seed: int = 0, **overrides) -> Trai
     spec = dict(RUNS[resolve(run_id)], seed=seed)
     spec.update(SCALES[scale])
     if scale == "smoke" and spec["dataset"] == "celeba":
-        spec.update(f_dim=8, batch_size=8)
+        spec.update(f_dim=4, batch_size=8)
     spec.update(overrides)
     return TrainConfig(**spec).validate()
 

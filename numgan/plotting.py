@@ -41,3 +41,70 @@ def image_grid(images, nrow: int = 8, pad: int = 1) -> np.ndarray:
         grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = x[i]
     grid = grid.transpose(1, 2, 0)
     return grid[..., 0] if c == 1 else grid
+
+
+# ------------------------------------------------------------------ image-GAN figures (Figs. 4-14)
+def smooth(y, window: int = 1) -> np.ndarray:
+    """Trailing rolling mean over ``window`` points (the authors' eval.py; spec 1.6 [DEFAULT] 1 and 5),
+    ignoring NaNs."""
+    y = np.asarray(y, dtype=float)
+    if window <= 1 or len(y) == 0:
+        return y
+    out = np.empty_like(y)
+    for i in range(len(y)):
+        seg = y[max(0, i - window + 1): i + 1]
+        out[i] = np.nanmean(seg) if np.isfinite(seg).any() else np.nan
+    return out
+
+
+def _outcome(result) -> str:
+    status = str(result.get("status", "ok"))
+    if status == "diverged":
+        return f"diverged at {int(result['diverged_at']):,}"
+    return status
+
+
+def plot_curve(ax, result, key: str = "is_mean", label: str = "", color=None, window: int = 1,
+               x: str = "eval_iters", **kw):
+    """One run's curve (``is_mean``, ``fid``, ``loss_d``, ``loss_g``) against iterations (or ``wall_clock``).
+    A diverged run is drawn up to its divergence and marked with an 'x' and "(diverged at k)" in the label."""
+    xs = np.asarray(result["log_iters"] if key.startswith("loss") else result[x], dtype=float)
+    ys = smooth(result[key], window)
+    n = min(len(xs), len(ys))
+    xs, ys = xs[:n], ys[:n]
+    text = label
+    if str(result.get("status")) == "diverged":
+        text = f"{label} ({_outcome(result)})"
+    (line,) = ax.plot(xs, ys, label=text, color=color, **kw)
+    if str(result.get("status")) == "diverged":
+        finite = np.isfinite(ys)
+        if finite.any():
+            i = np.flatnonzero(finite)[-1]
+            ax.plot(xs[i], ys[i], marker="x", color=line.get_color(), ms=9, mew=2)
+    return line
+
+
+def show_grid(ax, result, index: int = -1, title: str = "", nrow: int = 8):
+    """Show the sample grid of evaluation ``index`` (default: the last) of a run; a run that diverged
+    before its first evaluation shows its outcome instead."""
+    ax.set_xticks([]), ax.set_yticks([])
+    grids = result.get("grids")
+    if grids is None or len(grids) == 0:
+        ax.text(0.5, 0.5, f"no samples\n({_outcome(result)})", ha="center", va="center", transform=ax.transAxes)
+    else:
+        ax.imshow(image_grid(grids[index], nrow=nrow), interpolation="nearest")
+        it = int(np.asarray(result.get("grid_iters", result["eval_iters"]))[index])
+        title = f"{title}\n(iteration {it:,}{'; ' + _outcome(result) if result.get('status') == 'diverged' else ''})"
+    ax.set_title(title, fontsize=10)
+
+
+def scale_note(fig, scale: str, results) -> None:
+    """Stamp reduced-scale figures: which data and which feature network were used. Full-scale figures
+    from real data and the Inception network get no stamp."""
+    results = list(results.values()) if isinstance(results, dict) else list(results)
+    data = sorted({str(r.get("data_source", "?")) for r in results})
+    metric = sorted({str(r.get("metric_source", "?")) for r in results})
+    if scale == "full" and "synthetic" not in data:
+        return
+    note = f"{scale.upper()} SCALE (not the paper's result): data = {', '.join(data)}; scores = {', '.join(metric)}"
+    fig.text(0.5, -0.02, note, ha="center", va="top", fontsize=8, color="firebrick")

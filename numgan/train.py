@@ -148,6 +148,8 @@ def train(cfg: TrainConfig, run_dir=None, device="cpu", images: Optional[torch.T
                             "log_iters", "loss_d", "loss_g")}
     start, seconds, status, diverged_at = 0, 0.0, "ok", -1
     ckpt = Path(run_dir) / "checkpoint.pt" if run_dir is not None else None
+    if ckpt is not None:
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
     if ckpt is not None and ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=False)
         if state["config"] != cfg.key_dict():
@@ -158,6 +160,7 @@ def train(cfg: TrainConfig, run_dir=None, device="cpu", images: Optional[torch.T
         torch.set_rng_state(state["torch_rng"])
         hist, start, seconds = state["hist"], state["iter"], state["seconds"]
         status, diverged_at = state.get("status", "ok"), state.get("diverged_at", -1)
+        status = "ok" if status == "partial" else status   # a stopped run goes on; a diverged one stays
 
     def closure(need_d=True, need_g=True):
         z = torch.randn(cfg.batch_size, cfg.z_dim, generator=zgen, device=device)
@@ -169,13 +172,22 @@ def train(cfg: TrainConfig, run_dir=None, device="cpu", images: Optional[torch.T
 
     def sample_fn(n):
         z = torch.randn(n, cfg.z_dim, generator=sample_gen, device=device)
-        return G(z)
+        x = G(z)
+        if not torch.isfinite(x).all():
+            raise Diverged(current["it"])
+        return x
+
+    current = {"it": 0}
 
     def evaluate(it):
+        current["it"] = it
         was_training = G.training
         G.eval()
         with torch.no_grad():
             grid = G(z_test)
+            if not torch.isfinite(grid).all():
+                G.train(was_training)
+                raise Diverged(it)
             scores = evaluator.evaluate(sample_fn) if evaluator is not None else {}
         G.train(was_training)
         hist["eval_iters"].append(it)
@@ -231,8 +243,10 @@ def train(cfg: TrainConfig, run_dir=None, device="cpu", images: Optional[torch.T
             if ckpt is not None and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < stop:
                 save_checkpoint(it + 1)
         it = stop
-    except Diverged:
+    except Diverged as exc:
         status = "diverged"
+        if exc.args:
+            diverged_at = exc.args[0]
         it = it + 1
     finally:
         if bar is not None:
