@@ -36,7 +36,9 @@ import torch.nn as nn
 from .train import TrainConfig
 
 CIFAR = dict(dataset="cifar10", image_size=32, z_dim=256, f_dim=64, batch_size=64, lr=1e-4, n_iters=150_000,
-             eval_every=1000, inception=True)
+             eval_every=1000, inception=True, fid=True)
+# Training-set sizes a full-scale run insists on (spec 1.4): a subset would silently change the experiment.
+FULL_SIZE = {"cifar10": 50_000, "celeba": 192_599}
 CELEBA = dict(dataset="celeba", image_size=64, crop=160, z_dim=256, f_dim=128, batch_size=128, lr=1e-4,
               n_iters=150_000, eval_every=1000, inception=False, arch="resnet_cf", gamma=10.0)
 
@@ -152,12 +154,13 @@ def smoke_evaluator(cfg: TrainConfig, images: torch.Tensor):
 
 
 def run(run_id: str, scale: str = "full", device="cpu", seed: int = 0, force: bool = False,
-        progress: bool = False, data_root=None, **overrides) -> dict:
+        progress: bool = False, data_root=None, allow_partial_data: bool = False, **overrides) -> dict:
     """Train (or load from the cache) the run ``run_id`` at ``scale``.
 
     At smoke scale the dataset falls back to synthetic images when none is found, and the Inception
     network to :func:`smoke_evaluator`; the result's ``data_source`` / ``metric_source`` say which.
-    At full scale a missing dataset or missing Inception weights raise a clear error.
+    At full scale a missing or incomplete dataset (fewer images than the official training set) and
+    missing Inception weights raise a clear error.
     """
     from . import train as train_mod
     from .data import load_images
@@ -176,6 +179,15 @@ def run(run_id: str, scale: str = "full", device="cpu", seed: int = 0, force: bo
     else:
         images = load_images(cfg.dataset, data_root, image_size=cfg.image_size, crop=cfg.crop,
                              limit=cfg.data_limit)
+        need = FULL_SIZE.get(cfg.dataset)
+        if need and cfg.data_limit is None and images.shape[0] < need and not allow_partial_data:
+            from .data import resolve_dataset
+
+            kind, path = resolve_dataset(cfg.dataset, data_root)
+            raise FileNotFoundError(
+                f"full scale needs the whole {cfg.dataset} training set ({need:,} images), but {path} ({kind}) "
+                f"holds {images.shape[0]:,}. Put the official files in {data_root or 'data/' + cfg.dataset} "
+                f"or point NUMGAN_DATA at them (see data/README.md); pass allow_partial_data=True to run anyway.")
     result = train_mod.run(cfg, device=device, force=force, progress=progress, data_root=data_root,
                            images=images, evaluator=evaluator)
     result["data_source"] = "synthetic" if cfg.dataset == "synthetic" else cfg.dataset
