@@ -343,12 +343,6 @@ def _resolve_cifar(root: Path, split: str) -> tuple[str, Path]:
     looked.append(f"{binary}/{need_bin} (binary version)")
     if (binary / need_bin).is_file():
         return "cifar10-binary", binary
-    key = "x_test" if split == "test" else "x_train"
-    looked.append(f"{root}/*.npz with '{key}'")
-    if root.is_dir():
-        for npz in sorted(root.glob("*.npz")):
-            if _npz_has(npz, key):
-                return "npz", npz
     looked.append(f"{root}/*{split}*.zip (images)")
     if root.is_dir():
         zips = sorted(root.glob("*.zip"))
@@ -360,6 +354,12 @@ def _resolve_cifar(root: Path, split: str) -> tuple[str, Path]:
     looked.append(f"{root / split}/ (folder of images)")
     if (root / split).is_dir() and _list_images(root / split):
         return "folder", root / split
+    key = "x_test" if split == "test" else "x_train"
+    looked.append(f"{root}/*.npz with '{key}' (last: an npz may hold a subset)")
+    if root.is_dir():
+        for npz in sorted(root.glob("*.npz")):
+            if _npz_has(npz, key):
+                return "npz", npz
     raise FileNotFoundError(
         f"CIFAR-10 ({split}) not found under {root}. Looked for: " + "; ".join(looked) + ". "
         + CIFAR10_HELP.format(root=root, data=data_dir()))

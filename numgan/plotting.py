@@ -108,3 +108,146 @@ def scale_note(fig, scale: str, results) -> None:
         return
     note = f"{scale.upper()} SCALE (not the paper's result): data = {', '.join(data)}; scores = {', '.join(metric)}"
     fig.text(0.5, -0.02, note, ha="center", va="top", fontsize=8, color="firebrick")
+
+
+# Figs. 12-14: hyper-parameter sweeps (learning rate, gamma), one panel of IS curves per architecture
+def sweep_panels(axes, results, panels: dict, key: str = "is_mean", window: int = 1, cmap: str = "viridis",
+                 ylabel: str = "Inception Score", legend_title: str = ""):
+    """Curves of a grid of runs, one panel per group (Figs. 12-14: IS for a learning-rate or gamma sweep).
+
+    Args:
+        axes: one matplotlib axis per entry of ``panels`` (e.g. ``fig.subplots(1, len(panels))``).
+        results: {run id: result dict} as returned by ``numgan.experiments.run``; every id named in
+            ``panels`` must be a key.
+        panels: {panel title: {curve label: run id}}. Curves are drawn in the given order and the i-th
+            curve of every panel gets the same colour from ``cmap`` (so an ordered sweep reads the same
+            way in every panel).
+        key: the result entry to plot (``is_mean``, ``fid``, ``loss_d``, ``loss_g``).
+        window: trailing smoothing window (:func:`smooth`); with ``window > 1`` the raw curve is drawn
+            faintly behind the smoothed one (spec 1.6 [DEFAULT]: raw plus a 5-point smoothed copy).
+        legend_title: title of each panel's legend (e.g. "learning rate").
+    Diverged runs are drawn up to their divergence and marked (:func:`plot_curve`).
+    Returns {panel title: {curve label: line}}.
+    """
+    import matplotlib.pyplot as plt
+
+    axes = list(np.atleast_1d(axes).ravel())
+    if len(axes) != len(panels):
+        raise ValueError(f"sweep_panels: {len(panels)} panels but {len(axes)} axes")
+    missing = sorted({rid for curves in panels.values() for rid in curves.values()} - set(results))
+    if missing:
+        raise ValueError(f"sweep_panels: no result for run id(s) {missing}; run them with numgan.experiments.run")
+    n = max((len(c) for c in panels.values()), default=1)
+    colors = plt.get_cmap(cmap)(np.linspace(0.05, 0.85, n)) if n > 1 else [plt.get_cmap(cmap)(0.3)]
+    lines = {}
+    for ax, (title, curves) in zip(axes, panels.items()):
+        lines[title] = {}
+        for i, (label, rid) in enumerate(curves.items()):
+            if window > 1:
+                plot_curve(ax, results[rid], key, label="_raw", color=colors[i], alpha=0.25, lw=0.8)
+            lines[title][label] = plot_curve(ax, results[rid], key, label=label, color=colors[i], window=window,
+                                             lw=1.6)
+        ax.set_title(title, fontsize=11)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(ylabel)
+        ax.legend(title=legend_title or None, fontsize=8, title_fontsize=8)
+    return lines
+
+
+# Figs. 5, 7-8: iteration axes as 0, 50k, 100k, ... (150k-iteration runs)
+def _kilo_ticks(ax) -> None:
+    from matplotlib.ticker import FuncFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k" if abs(v) >= 1000 else f"{v:g}"))
+
+
+# Figs. 7-8: Inception Score against iterations, one panel per architecture, one curve per method
+def is_panels(axes, results, panels: dict, key: str = "is_mean", window: int = 1,
+              ylabel: str = "Inception Score"):
+    """Method comparison, one panel per architecture (Figs. 7 and 8: SimGA, AltGA, ConOpt and the
+    smoothing optimiser on the four architectures of Fig. 6, without / with the extra FC layer in D).
+
+    Args:
+        axes: one matplotlib axis per entry of ``panels`` (e.g. ``fig.subplots(2, 2, sharey=True)``).
+        results: {run id: result dict} as returned by ``numgan.experiments.run``.
+        panels: {panel title: {method: run id}}, ``method`` a key of :data:`PALETTE` / :data:`LABELS`
+            ("simga", "altga", "conopt", "smooth"), which fixes its colour and legend label in every
+            panel. Curves are drawn in the given order.
+        key: the result entry to plot (``is_mean``, ``fid``).
+        window: trailing smoothing window (:func:`smooth`); with ``window > 1`` the raw curve is drawn
+            faintly behind the smoothed one (spec 1.6 [DEFAULT]: raw plus a 5-point smoothed copy).
+    Diverged runs are drawn up to their divergence and marked (:func:`plot_curve`).
+    Returns {panel title: {method: line}}.
+    """
+    axes = list(np.atleast_1d(axes).ravel())
+    if len(axes) != len(panels):
+        raise ValueError(f"is_panels: {len(panels)} panels but {len(axes)} axes")
+    missing = sorted({rid for curves in panels.values() for rid in curves.values()} - set(results))
+    if missing:
+        raise ValueError(f"is_panels: no result for run id(s) {missing}; run them with numgan.experiments.run")
+    unknown = sorted({m for curves in panels.values() for m in curves} - set(PALETTE))
+    if unknown:
+        raise ValueError(f"is_panels: unknown method(s) {unknown}; use keys of PALETTE: {sorted(PALETTE)}")
+    lines = {}
+    for ax, (title, curves) in zip(axes, panels.items()):
+        lines[title] = {}
+        for method, rid in curves.items():
+            if window > 1:
+                plot_curve(ax, results[rid], key, label="_raw", color=PALETTE[method], alpha=0.25, lw=0.8)
+            lines[title][method] = plot_curve(ax, results[rid], key, label=LABELS[method], color=PALETTE[method],
+                                              window=window, lw=1.6)
+        ax.set_title(title, fontsize=11)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+        _kilo_ticks(ax)
+    return lines
+
+
+# Figs. 5 and 11: losses and Inception Score of a ConOpt run and an AltGA run, overlaid
+def loss_is_panels(axes, results, runs: dict, window: int = 1) -> str:
+    """(a) discriminator loss and (b) generator loss against iterations (the raw logged losses, spec
+    1.6), (c) Inception Score against iterations and, when a fourth axis is given, (d) the Inception
+    Score against the accumulated training wall-clock (spec Fig. 5 [DEFAULT]: iterations primary,
+    wall-clock secondary; the wall-clock depends on the device the runs were trained on).
+
+    Args:
+        axes: 3 or 4 matplotlib axes.
+        results: {run id: result dict} as returned by ``numgan.experiments.run``.
+        runs: {method: run id}, ``method`` a key of :data:`PALETTE` / :data:`LABELS`. Curves are drawn
+            in the given order: put the run with the larger fluctuations first so the other stays visible.
+        window: trailing smoothing window of the IS curves (raw drawn faintly behind when > 1).
+    Returns the wall-clock unit used on (d): "s", "min" or "h" ("" with 3 axes).
+    """
+    axes = list(np.atleast_1d(axes).ravel())
+    if len(axes) not in (3, 4):
+        raise ValueError(f"loss_is_panels: needs 3 or 4 axes, got {len(axes)}")
+    missing = sorted(set(runs.values()) - set(results))
+    if missing:
+        raise ValueError(f"loss_is_panels: no result for run id(s) {missing}")
+    unit = ""
+    if len(axes) == 4:
+        longest = max((float(np.max(results[r]["wall_clock"], initial=0.0)) for r in runs.values()), default=0.0)
+        unit, div = ("s", 1.0) if longest < 600 else (("min", 60.0) if longest < 36_000 else ("h", 3600.0))
+    for method, rid in runs.items():
+        res, color, label = results[rid], PALETTE[method], LABELS[method]
+        for ax, key in zip(axes[:2], ("loss_d", "loss_g")):
+            plot_curve(ax, res, key, label=label, color=color, lw=0.6, alpha=0.85)
+        views = [(axes[2], res, "eval_iters")]
+        if unit:
+            views.append((axes[3], {**res, "wall_clock": np.asarray(res["wall_clock"], float) / div}, "wall_clock"))
+        for ax, r, x in views:
+            if window > 1:
+                plot_curve(ax, r, "is_mean", label="_raw", color=color, x=x, alpha=0.25, lw=0.8)
+            plot_curve(ax, r, "is_mean", label=label, color=color, x=x, window=window, lw=1.6)
+    titles = ["(a) discriminator loss", "(b) generator loss", "(c) Inception Score", "(d) Inception Score"]
+    ylabels = ["$L_D$", "$L_G$", "Inception Score", "Inception Score"]
+    xlabels = ["iteration"] * 3 + [f"training wall-clock [{unit}]"]
+    for ax, t, yl, xl in zip(axes, titles, ylabels, xlabels):
+        ax.set_title(t, fontsize=11)
+        ax.set_xlabel(xl)
+        ax.set_ylabel(yl)
+        ax.legend(fontsize=8)
+    for ax in axes[:3]:
+        _kilo_ticks(ax)
+    return unit

@@ -270,7 +270,7 @@ def train(cfg: TrainConfig, run_dir=None, device="cpu", images: Optional[torch.T
         "log_iters": np.array(hist["log_iters"], dtype=np.int64),
         "loss_d": np.array(hist["loss_d"]), "loss_g": np.array(hist["loss_g"]),
         "status": status, "diverged_at": int(diverged_at), "iters_done": int(it),
-        "seconds_per_iter": seconds / max(it, 1) if start == 0 else seconds / max(it, 1),
+        "seconds_per_iter": seconds / max(it, 1),
         "seconds": seconds, "config": cfg.key_dict(), "steps_this_call": int(n_done),
     }
 

@@ -278,12 +278,14 @@ def test_npy_cache_skips_decoding(tmp_path, monkeypatch):
 
 def test_shared_cifar_npz():
     folder = _shared("cifar10")
-    assert D.resolve_dataset("cifar10", folder) == ("npz", folder / "cifar10-exact-subset.npz")
-    x = D.load_images("cifar10", folder)
+    # the complete 50,000-image zip is preferred over the npz, which holds a subset
+    assert D.resolve_dataset("cifar10", folder) == ("zip", folder / "cifar10-jpeg-train.zip")
+    npz = folder / "cifar10-exact-subset.npz"
+    x = D.load_images("cifar10", npz)
     assert x.dtype == torch.uint8 and x.shape == (5170, 3, 32, 32)
     with np.load(folder / "cifar10-exact-subset.npz") as z:
         assert torch.equal(x[7], torch.from_numpy(z["x_train"][7]).permute(2, 0, 1))
-    assert D.load_images("cifar10", folder, split="test").shape == (1017, 3, 32, 32)
+    assert D.load_images("cifar10", npz, split="test").shape == (1017, 3, 32, 32)
 
 
 def test_shared_cifar_jpeg_zip():
