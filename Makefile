@@ -9,6 +9,9 @@ PY      := $(VENV)/bin/python
 SCALE   ?= smoke
 DEVICE  ?= auto
 FIGURES ?= all
+# one OpenMP thread: the smoke runs and the MoG networks are far too small to gain from more, and on a
+# busy 2-core machine two threads per process made steps up to 40x slower (spin-waiting), measured here
+export OMP_NUM_THREADS ?= 1
 # real images for the smoke runs and data tests when the offline copies sit beside the checkout
 SHARED  ?= $(abspath ../shared/data)
 TESTDATA := $(CURDIR)/.cache/shared-data
