@@ -121,6 +121,9 @@ def smoke_dataset(dataset: str, data_root=None) -> str:
         return "synthetic"
 
 
+SMOKE_FEATURES = "random-conv-64-v1"   # part of smoke runs' cache key: change it when _RandomFeatures changes
+
+
 class _RandomFeatures(nn.Module):
     """A small randomly initialised conv net with the Inception feature interface (uint8 images ->
     {"logits_unbiased": [N, 1008], "pool": [N, 2048]}), for smoke runs only."""
@@ -190,7 +193,8 @@ def run(run_id: str, scale: str = "full", device="cpu", seed: int = 0, force: bo
                 f"holds {images.shape[0]:,}. Put the official files in {data_root or 'data/' + cfg.dataset} "
                 f"or point NUMGAN_DATA at them (see data/README.md); pass allow_partial_data=True to run anyway.")
     result = train_mod.run(cfg, device=device, force=force, progress=progress, data_root=data_root,
-                           images=images, evaluator=evaluator)
+                           images=images, evaluator=evaluator,
+                           key_extra={"metric": SMOKE_FEATURES} if evaluator is not None else None)
     result["data_source"] = "synthetic" if cfg.dataset == "synthetic" else cfg.dataset
     result["metric_source"] = "random features (smoke)" if evaluator is not None else \
         ("Inception (TF 2015-12-05)" if cfg.inception else "none")

@@ -151,6 +151,7 @@ def sweep_panels(axes, results, panels: dict, key: str = "is_mean", window: int 
         ax.set_xlabel("iteration")
         ax.set_ylabel(ylabel)
         ax.legend(title=legend_title or None, fontsize=8, title_fontsize=8)
+        _kilo_ticks(ax)
     return lines
 
 

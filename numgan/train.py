@@ -276,20 +276,21 @@ def train(cfg: TrainConfig, run_dir=None, device="cpu", images: Optional[torch.T
 
 
 def run(cfg: TrainConfig, device="cpu", force: bool = False, progress: bool = False, data_root=None,
-        images: Optional[torch.Tensor] = None, evaluator=None, max_iters: Optional[int] = None) -> dict:
+        images: Optional[torch.Tensor] = None, evaluator=None, max_iters: Optional[int] = None,
+        key_extra: Optional[dict] = None) -> dict:
     """Train ``cfg`` through the run cache (numgan.runs): a finished run is loaded, an interrupted one
     resumes from its checkpoint. Runs are grouped by dataset, so figures that share a configuration
-    share the run (spec table 4a). A ``partial`` result (``max_iters``) is returned but not cached."""
+    share the run (spec table 4a). A ``partial`` result (``max_iters``) is returned but not cached.
+    ``key_extra`` adds entries to the cache key (e.g. which feature network scored the samples). The
+    result's ``run_dir`` names the run directory."""
     cfg.validate()
     if images is None:
         images = load_images(cfg.dataset, data_root, image_size=cfg.image_size, crop=cfg.crop, limit=cfg.data_limit)
     kind, _ = resolve_dataset(cfg.dataset, data_root) if cfg.dataset != "synthetic" else ("synthetic", None)
-    key = {**cfg.key_dict(), "data_source": kind, "n_images": int(images.shape[0])}
+    key = {**cfg.key_dict(), "data_source": kind, "n_images": int(images.shape[0]), **(key_extra or {})}
     group = Path(cfg.dataset).name if os.sep in cfg.dataset else cfg.dataset.split(":")[0]
     name = f"{cfg.arch}-{cfg.method}-{cfg.objective}"
     path = runs.run_path(group, name, key)
-    if not force and runs.is_done(path):
-        return runs.load_result(path)
     result = {}
 
     def fn(run_dir):
@@ -300,9 +301,12 @@ def run(cfg: TrainConfig, device="cpu", force: bool = False, progress: bool = Fa
         return {k: v for k, v in result.items() if k != "config"}
 
     try:
-        return runs.cached(group, name, key, fn, force=force)
+        out = runs.cached(group, name, key, fn, force=force)
     except _Partial:
-        return result
+        out = result
+    out["run_dir"] = str(path)
+    out["config"] = cfg.key_dict()
+    return out
 
 
 class _Partial(Exception):
