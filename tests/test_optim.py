@@ -9,7 +9,16 @@ from numgan.game import consensus_estimates
 from numgan.optim import OPTIMIZERS, AltGA, Clip, ConOpt, SimGA, Smoothing, make_game_optimizer
 from numgan.rmsprop import TF1RMSprop
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Exact comparisons in float64, restored afterwards (other test modules run in float32)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
 SGD1 = lambda params: torch.optim.SGD(params, lr=1.0)  # noqa: E731  the update is then exactly -direction
 
 
