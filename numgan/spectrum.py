@@ -21,7 +21,7 @@ quotient q of A - gamma A^T A (see ``lemma9_bound`` for a correction of its stat
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import scipy.linalg
@@ -48,14 +48,16 @@ def _check_point(x) -> Tensor:
     return x.detach()
 
 
-def jacobian(field: Field, x: Tensor) -> Tensor:
+def jacobian(field: Field, x: Tensor, chunk_size: Optional[int] = 128) -> Tensor:
     """Exact Jacobian v'(x) of a flat field ``x -> v(x)`` (e.g. from ``numgan.game.flat_field``).
 
-    Uses ``torch.func.jacrev`` (one vmapped reverse pass). Returns an [n, n] tensor in x's dtype:
-    row i = gradient of v_i, column j = parameter x_j, same order as x.
+    Uses ``torch.func.jacrev``: reverse passes vmapped over ``chunk_size`` rows at a time (None: all
+    at once). Chunks of 128 were about 3x faster than one vmap over all 2003 rows of the MoG game on a
+    2-core CPU, at the same peak memory. Returns an [n, n] tensor in x's dtype: row i = gradient of
+    v_i, column j = parameter x_j, same order as x.
     """
     x = _check_point(x)
-    J = torch.func.jacrev(field)(x)
+    J = torch.func.jacrev(field, chunk_size=chunk_size)(x)
     if J.shape != (x.numel(), x.numel()):
         raise ValueError(f"field must map R^n -> R^n with n = {x.numel()}; its Jacobian has shape "
                          f"{tuple(J.shape)}")
