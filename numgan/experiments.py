@@ -181,8 +181,9 @@ def run(run_id: str, scale: str = "full", device="cpu", seed: int = 0, force: bo
         if cfg.inception or cfg.fid:
             evaluator = smoke_evaluator(cfg, images)
     else:
+        # CIFAR-10 downloads through torchvision when it is missing and a network is there
         images = load_images(cfg.dataset, data_root, image_size=cfg.image_size, crop=cfg.crop,
-                             limit=cfg.data_limit)
+                             limit=cfg.data_limit, download=cfg.dataset == "cifar10")
         need = FULL_SIZE.get(cfg.dataset)
         if need and cfg.data_limit is None and images.shape[0] < need and not allow_partial_data:
             from .data import resolve_dataset
