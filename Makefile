@@ -16,7 +16,7 @@ export OMP_NUM_THREADS ?= 1
 SHARED  ?= $(abspath ../shared/data)
 TESTDATA := $(CURDIR)/.cache/shared-data
 
-.PHONY: figures test install clean-notebooks benchmarks
+.PHONY: figures test install clean-notebooks
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,9 +38,6 @@ $(TESTDATA):
 test: $(VENV)/.installed $(TESTDATA)
 	NUMGAN_DATA=$(TESTDATA) MPLBACKEND=Agg $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
 	  --nbval-cell-timeout=900 -p no:cacheprovider -q
-
-benchmarks: $(VENV)/.installed
-	$(PY) benchmarks/bench_steps.py
 
 clean-notebooks: $(VENV)/.installed
 	$(PY) scripts/clean_notebooks.py notebooks/*.ipynb
