@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import objectives
+from . import objectives, runs
 from .game import flat_field
 
 N_MODES, RADIUS, STD = 8, 1.0, 0.01
@@ -233,10 +233,7 @@ def train(method: str = "conopt", n_seeds: int = 1, n_iters: int = 20_000, seed:
         state = {"G": G.state_dict(), "D": D.state_dict(), "opt": opt.state_dict(), "rng": gen.get_state(),
                  "eval_rng": eval_gen.get_state(), "hist": hist, "diverged": diverged, "iter": it,
                  "seconds": seconds}
-        tmp = ckpt.with_suffix(".tmp")
-        torch.save(state, tmp)
-        import os
-        os.replace(tmp, ckpt)
+        runs.atomic_torch_save(state, ckpt)
 
     bar = None
     if progress:
@@ -294,8 +291,6 @@ def run(method: str, n_seeds: int = 1, n_iters: int = 20_000, seed: int = 0, lr:
     Figures 2 and 3 call this with the same configuration and so share one run (spec table 4a, M-con).
     The device is not part of the cache key.
     """
-    from . import runs
-
     cfg = dict(method=method, n_seeds=n_seeds, n_iters=n_iters, seed=seed, lr=lr, gamma=gamma,
                batch_size=batch_size, objective=objective, snapshot_every=snapshot_every)
     return runs.cached("mog", method, cfg, lambda d: train(**cfg, device=device, run_dir=d, progress=progress),

@@ -131,28 +131,10 @@ def sweep_panels(axes, results, panels: dict, key: str = "is_mean", window: int 
     """
     import matplotlib.pyplot as plt
 
-    axes = list(np.atleast_1d(axes).ravel())
-    if len(axes) != len(panels):
-        raise ValueError(f"sweep_panels: {len(panels)} panels but {len(axes)} axes")
-    missing = sorted({rid for curves in panels.values() for rid in curves.values()} - set(results))
-    if missing:
-        raise ValueError(f"sweep_panels: no result for run id(s) {missing}; run them with numgan.experiments.run")
     n = max((len(c) for c in panels.values()), default=1)
     colors = plt.get_cmap(cmap)(np.linspace(0.05, 0.85, n)) if n > 1 else [plt.get_cmap(cmap)(0.3)]
-    lines = {}
-    for ax, (title, curves) in zip(axes, panels.items()):
-        lines[title] = {}
-        for i, (label, rid) in enumerate(curves.items()):
-            if window > 1:
-                plot_curve(ax, results[rid], key, label="_raw", color=colors[i], alpha=0.25, lw=0.8)
-            lines[title][label] = plot_curve(ax, results[rid], key, label=label, color=colors[i], window=window,
-                                             lw=1.6)
-        ax.set_title(title, fontsize=11)
-        ax.set_xlabel("iteration")
-        ax.set_ylabel(ylabel)
-        ax.legend(title=legend_title or None, fontsize=8, title_fontsize=8)
-        _kilo_ticks(ax)
-    return lines
+    return _curve_panels("sweep_panels", axes, results, panels, lambda i, label: (colors[i], label), key,
+                         window, ylabel, legend_title)
 
 
 # Figs. 5, 7-8: iteration axes as 0, 50k, 100k, ... (150k-iteration runs)
@@ -180,27 +162,35 @@ def is_panels(axes, results, panels: dict, key: str = "is_mean", window: int = 1
     Diverged runs are drawn up to their divergence and marked (:func:`plot_curve`).
     Returns {panel title: {method: line}}.
     """
-    axes = list(np.atleast_1d(axes).ravel())
-    if len(axes) != len(panels):
-        raise ValueError(f"is_panels: {len(panels)} panels but {len(axes)} axes")
-    missing = sorted({rid for curves in panels.values() for rid in curves.values()} - set(results))
-    if missing:
-        raise ValueError(f"is_panels: no result for run id(s) {missing}; run them with numgan.experiments.run")
     unknown = sorted({m for curves in panels.values() for m in curves} - set(PALETTE))
     if unknown:
         raise ValueError(f"is_panels: unknown method(s) {unknown}; use keys of PALETTE: {sorted(PALETTE)}")
+    return _curve_panels("is_panels", axes, results, panels, lambda i, method: (PALETTE[method], LABELS[method]),
+                         key, window, ylabel)
+
+
+def _curve_panels(caller: str, axes, results, panels: dict, style, key: str, window: int, ylabel: str,
+                  legend_title: str = ""):
+    """Shared loop of :func:`sweep_panels` and :func:`is_panels`: one panel per entry of ``panels``
+    ({title: {name: run id}}); ``style(i, name) -> (colour, legend label)`` for the i-th curve."""
+    axes = list(np.atleast_1d(axes).ravel())
+    if len(axes) != len(panels):
+        raise ValueError(f"{caller}: {len(panels)} panels but {len(axes)} axes")
+    missing = sorted({rid for curves in panels.values() for rid in curves.values()} - set(results))
+    if missing:
+        raise ValueError(f"{caller}: no result for run id(s) {missing}; run them with numgan.experiments.run")
     lines = {}
     for ax, (title, curves) in zip(axes, panels.items()):
         lines[title] = {}
-        for method, rid in curves.items():
+        for i, (name, rid) in enumerate(curves.items()):
+            color, label = style(i, name)
             if window > 1:
-                plot_curve(ax, results[rid], key, label="_raw", color=PALETTE[method], alpha=0.25, lw=0.8)
-            lines[title][method] = plot_curve(ax, results[rid], key, label=LABELS[method], color=PALETTE[method],
-                                              window=window, lw=1.6)
+                plot_curve(ax, results[rid], key, label="_raw", color=color, alpha=0.25, lw=0.8)
+            lines[title][name] = plot_curve(ax, results[rid], key, label=label, color=color, window=window, lw=1.6)
         ax.set_title(title, fontsize=11)
         ax.set_xlabel("iteration")
         ax.set_ylabel(ylabel)
-        ax.legend(fontsize=8)
+        ax.legend(title=legend_title or None, fontsize=8, title_fontsize=8)
         _kilo_ticks(ax)
     return lines
 

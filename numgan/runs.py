@@ -45,6 +45,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def atomic_torch_save(obj, path: Path) -> None:
+    """``torch.save`` through a temporary file and ``os.replace`` (checkpoints of long runs)."""
+    import torch
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
 def save_result(path: Path, result: dict) -> None:
     """Save a flat result dict: numpy arrays (and lists of numbers) to npz, the rest to json."""
     path = Path(path)

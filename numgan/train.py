@@ -202,9 +202,7 @@ def train(cfg: TrainConfig, run_dir=None, device="cpu", images: Optional[torch.T
                  "sampler": sampler.state_dict(), "zgen": zgen.get_state(), "sample_gen": sample_gen.get_state(),
                  "torch_rng": torch.get_rng_state(), "hist": hist, "iter": it, "seconds": seconds,
                  "status": status, "diverged_at": diverged_at}
-        tmp = ckpt.with_name(ckpt.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, ckpt)
+        runs.atomic_torch_save(state, ckpt)
 
     stop = cfg.n_iters if max_iters is None else min(cfg.n_iters, max_iters)
     bar = None
@@ -286,7 +284,7 @@ def run(cfg: TrainConfig, device="cpu", force: bool = False, progress: bool = Fa
     cfg.validate()
     if images is None:
         images = load_images(cfg.dataset, data_root, image_size=cfg.image_size, crop=cfg.crop, limit=cfg.data_limit)
-    kind, _ = resolve_dataset(cfg.dataset, data_root) if cfg.dataset != "synthetic" else ("synthetic", None)
+    kind, _ = resolve_dataset(cfg.dataset, data_root)
     key = {**cfg.key_dict(), "data_source": kind, "n_images": int(images.shape[0]), **(key_extra or {})}
     group = Path(cfg.dataset).name if os.sep in cfg.dataset else cfg.dataset.split(":")[0]
     name = f"{cfg.arch}-{cfg.method}-{cfg.objective}"
