@@ -158,7 +158,8 @@ def smoke_evaluator(cfg: TrainConfig, images: torch.Tensor):
 
 
 def run(run_id: str, scale: str = "full", device="cpu", seed: int = 0, force: bool = False,
-        progress: bool = False, data_root=None, allow_partial_data: bool = False, **overrides) -> dict:
+        progress: bool = False, data_root=None, allow_partial_data: bool = False,
+        capture_error_mode: str = "global", **overrides) -> dict:
     """Train (or load from the cache) the run ``run_id`` at ``scale``.
 
     At smoke scale the dataset falls back to synthetic images when none is found, and the Inception
@@ -195,9 +196,41 @@ def run(run_id: str, scale: str = "full", device="cpu", seed: int = 0, force: bo
                 f"or point NUMGAN_DATA at them (see data/README.md); pass allow_partial_data=True to run anyway.")
     result = train_mod.run(cfg, device=device, force=force, progress=progress, data_root=data_root,
                            images=images, evaluator=evaluator,
-                           key_extra={"metric": SMOKE_FEATURES} if evaluator is not None else None)
+                           key_extra={"metric": SMOKE_FEATURES} if evaluator is not None else None,
+                           capture_error_mode=capture_error_mode)
     result["data_source"] = "synthetic" if cfg.dataset == "synthetic" else cfg.dataset
     result["metric_source"] = "random features (smoke)" if evaluator is not None else \
         ("Inception (TF 2015-12-05)" if cfg.inception else "none")
     result["run_id"] = resolve(run_id)
     return result
+
+
+def default_concurrency(device) -> int:
+    """How many runs :func:`run_many` trains at once: 4 on a GPU, 1 on the CPU.
+
+    A batch-64 DC-GAN step leaves most of an H100 idle (small kernels); four runs on four CUDA
+    streams fill it (benchmarks/results/sweep-*.md). The CPU gains nothing from it."""
+    return 4 if torch.device(device).type == "cuda" else 1
+
+
+def run_many(run_ids, scale: str = "full", device="cpu", seed: int = 0, force: bool = False,
+             progress: bool = False, data_root=None, allow_partial_data: bool = False,
+             concurrent: Optional[int] = None, **overrides) -> dict:
+    """:func:`run` for several runs, ``concurrent`` at a time on one GPU; returns {run_id: result}.
+
+    Each concurrent run trains in its own thread on its own CUDA stream, with its step replayed from
+    a CUDA graph (numgan.step), so the GPU interleaves the kernels of several small runs. Every run
+    is the same as when trained alone: same configuration, same random streams, its own cache entry
+    and checkpoints. ``concurrent`` defaults to :func:`default_concurrency`. The first error is
+    re-raised after the other runs have finished (their results stay cached).
+    """
+    run_ids = list(run_ids)
+    n = default_concurrency(device) if concurrent is None else int(concurrent)
+    if n < 1:
+        raise ValueError(f"concurrent must be >= 1, got {concurrent}")
+    kwargs = dict(scale=scale, device=device, seed=seed, force=force, progress=progress, data_root=data_root,
+                  allow_partial_data=allow_partial_data, **overrides)
+    from .step import run_concurrently
+
+    jobs = [lambda mode, rid=rid: run(rid, capture_error_mode=mode, **kwargs) for rid in run_ids]
+    return dict(zip(run_ids, run_concurrently(jobs, device, n)))

@@ -19,6 +19,7 @@ everything logged so far.
 """
 import dataclasses
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from . import objectives, runs
 from .data import ImageSampler, load_images, resolve_dataset
 from .models import build_models
 from .optim import OPTIMIZERS, make_game_optimizer
+from .step import GanStep
 
 
 @dataclass
@@ -65,6 +67,11 @@ class TrainConfig:
     checkpoint_every: int = 5000
     explode_at: float = 1e6         # |loss| above this counts as diverged
     keep_grids: int = 0             # sample grids kept in the result: 0 = all evaluations
+    # CUDA only: TF32 tensor-core matrix products and convolutions (10-bit mantissa inputs, float32
+    # accumulation). On for the paper runs: their noise (~3e-4 relative per product) is far below the
+    # minibatch noise of a GAN step, and it makes a full reproduction several times cheaper. The
+    # spectrum tools never use it (float64 Jacobians); tests compare the fast path with TF32 off.
+    tf32: bool = True
 
     def validate(self) -> "TrainConfig":
         from .models import ARCHITECTURES
@@ -101,8 +108,23 @@ class Diverged(Exception):
     pass
 
 
+# runs trained in parallel threads (numgan.step.run_concurrently) must not interleave their seeded inits
+_INIT_LOCK = threading.Lock()
+
+
+def set_precision(device, tf32: bool) -> None:
+    """Apply the TF32 choice (TrainConfig.tf32) to CUDA matrix products and cuDNN convolutions.
+
+    Process-wide torch flags: runs trained together (train_many) must agree, which they do when they
+    come from the same experiment table."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+        torch.backends.cudnn.allow_tf32 = bool(tf32)
+
+
 def train(cfg: TrainConfig, run_dir=None, device="cpu", images: Optional[torch.Tensor] = None,
-          evaluator=None, progress: bool = False, data_root=None, max_iters: Optional[int] = None) -> dict:
+          evaluator=None, progress: bool = False, data_root=None, max_iters: Optional[int] = None,
+          fast: Optional[bool] = None, capture_error_mode: str = "global") -> dict:
     """Train one GAN and return its history as a flat dict of arrays and scalars.
 
     Args:
@@ -115,20 +137,31 @@ def train(cfg: TrainConfig, run_dir=None, device="cpu", images: Optional[torch.T
         max_iters: stop after this iteration (checkpointing first) even if ``cfg.n_iters`` is larger:
             for splitting a long run over several time-limited jobs. The result is then marked
             ``status = "partial"``.
+        fast: the issue-4 fast path, default on for CUDA: strided convolutions as GEMMs
+            (numgan.models.set_conv_impl) and the whole step replayed from a CUDA graph (numgan.step).
+            It computes the same function as the eager step (tests/test_step.py), so it is not part of
+            the run's cache key; ``fast=False`` is the plain eager reference.
     Returns keys: ``eval_iters``, ``grids`` (uint8 [K, 64, C, H, W]), ``is_mean``, ``is_std``, ``fid``,
     ``wall_clock`` [K]; ``log_iters``, ``loss_d``, ``loss_g`` [L]; ``status`` ("ok", "diverged",
     "partial"), ``diverged_at`` (-1 if not), ``iters_done``, ``seconds_per_iter``, ``config``.
     """
     cfg.validate()
     device = torch.device(device)
-    torch.manual_seed(cfg.seed)
     if images is None:
         images = load_images(cfg.dataset, data_root, image_size=cfg.image_size, crop=cfg.crop, limit=cfg.data_limit)
     if images.shape[-1] != cfg.image_size:
         raise ValueError(f"images are {tuple(images.shape[-2:])}, config says image_size={cfg.image_size}")
-    G, D = build_models(cfg.arch, image_size=cfg.image_size, z_dim=cfg.z_dim, f_dim=cfg.f_dim,
-                        channels=images.shape[1])
+    with _INIT_LOCK:   # the initialisation draws from torch's global generator: one run at a time
+        torch.manual_seed(cfg.seed)
+        G, D = build_models(cfg.arch, image_size=cfg.image_size, z_dim=cfg.z_dim, f_dim=cfg.f_dim,
+                            channels=images.shape[1])
     G, D = G.to(device), D.to(device)
+    fast = device.type == "cuda" if fast is None else bool(fast)
+    set_precision(device, cfg.tf32)
+    if fast:
+        from .models import set_conv_impl
+
+        set_conv_impl(G, "gemm"), set_conv_impl(D, "gemm")
     opt = make_game_optimizer(cfg.method, G.parameters(), D.parameters(), lr=cfg.lr, gamma=cfg.gamma,
                               **_optimizer_kwargs(cfg))
     sampler = ImageSampler(images, cfg.batch_size, device=device, seed=cfg.seed)
@@ -162,13 +195,11 @@ def train(cfg: TrainConfig, run_dir=None, device="cpu", images: Optional[torch.T
         status, diverged_at = state.get("status", "ok"), state.get("diverged_at", -1)
         status = "ok" if status == "partial" else status   # a stopped run goes on; a diverged one stays
 
-    def closure(need_d=True, need_g=True):
-        z = torch.randn(cfg.batch_size, cfg.z_dim, generator=zgen, device=device)
-        x_fake = G(z)
-        d_fake = D(x_fake)  # D is called separately on the fake and the real batch (BN statistics, spec 1.2)
-        ld = objectives.loss_d(D(sampler()), d_fake, cfg.objective) if need_d else None
-        lg = objectives.loss_g(d_fake, cfg.objective) if need_g else None
-        return ld, lg
+    # one iteration on fresh minibatches: a latent batch per closure call, a real batch per call that
+    # needs L_D (numgan.step; eager, or replayed from a CUDA graph when fast on CUDA)
+    step = GanStep(G, D, opt, cfg.objective,
+                   draw_z=lambda: torch.randn(cfg.batch_size, cfg.z_dim, generator=zgen, device=device),
+                   draw_real=sampler, graph=fast, capture_error_mode=capture_error_mode)
 
     def sample_fn(n):
         z = torch.randn(n, cfg.z_dim, generator=sample_gen, device=device)
@@ -217,13 +248,17 @@ def train(cfg: TrainConfig, run_dir=None, device="cpu", images: Optional[torch.T
     try:
         for it in range(start, stop if status == "ok" else start):
             t0 = time.perf_counter()
-            losses = opt.step(closure)
+            losses = step()
             if it % cfg.log_every == 0:
                 pending.append((it, losses["loss_d"], losses["loss_g"]))
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            flush = len(pending) >= 10 or it % cfg.eval_every == 0 or it == stop - 1
+            if device.type == "cuda" and flush:
+                # wait for the GPU only where the losses are read anyway (every ~10 iterations), so the
+                # next step's launch overlaps this one's execution; a stream (not device) sync, since
+                # another thread may be capturing a CUDA graph (numgan.step.run_concurrently)
+                torch.cuda.current_stream(device).synchronize()
             seconds += time.perf_counter() - t0
-            if len(pending) >= 10 or it % cfg.eval_every == 0 or it == stop - 1:
+            if flush:
                 for i, ld, lg in pending:
                     ld, lg = float(ld), float(lg)
                     hist["log_iters"].append(i), hist["loss_d"].append(ld), hist["loss_g"].append(lg)
@@ -275,7 +310,7 @@ def train(cfg: TrainConfig, run_dir=None, device="cpu", images: Optional[torch.T
 
 def run(cfg: TrainConfig, device="cpu", force: bool = False, progress: bool = False, data_root=None,
         images: Optional[torch.Tensor] = None, evaluator=None, max_iters: Optional[int] = None,
-        key_extra: Optional[dict] = None) -> dict:
+        key_extra: Optional[dict] = None, fast: Optional[bool] = None, capture_error_mode: str = "global") -> dict:
     """Train ``cfg`` through the run cache (numgan.runs): a finished run is loaded, an interrupted one
     resumes from its checkpoint. Runs are grouped by dataset, so figures that share a configuration
     share the run (spec table 4a). A ``partial`` result (``max_iters``) is returned but not cached.
@@ -293,7 +328,7 @@ def run(cfg: TrainConfig, device="cpu", force: bool = False, progress: bool = Fa
 
     def fn(run_dir):
         result.update(train(cfg, run_dir, device, images=images, evaluator=evaluator, progress=progress,
-                            max_iters=max_iters))
+                            max_iters=max_iters, fast=fast, capture_error_mode=capture_error_mode))
         if result["status"] == "partial":
             raise _Partial
         return {k: v for k, v in result.items() if k != "config"}

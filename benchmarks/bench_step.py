@@ -1,0 +1,185 @@
+"""Time of one training iteration of an image GAN: the plain eager port against numgan's fast path.
+
+Issue 4, target 1 (dcgan4_nobn, batch 64, H100): ConOpt at least 8x faster than the plain eager
+baseline, SimGA and AltGA faster too, and ConOpt no more than 3.5x a SimGA iteration.
+
+Variants, all on the same models, data and precision:
+  plain        a self-contained "usual port": autograd.grad(create_graph=True), native convolutions,
+               torch.optim.RMSprop, launched op by op (the baseline; kept as the reference)
+  eager        numgan's step without the fast path (train(..., fast=False))
+  gemm         + strided convolutions as GEMMs (numgan.models.set_conv_impl)
+  graph        + native convolutions, the step replayed from a CUDA graph (numgan.step.GanStep)
+  fast         gemm + graph: what numgan.train uses on CUDA
+Each row is the median over --repeat timed blocks of --iters iterations (after --warmup iterations),
+with the device synchronised around each block. The check column compares the fast path's parameters
+with the eager step's after --check-iters iterations from the same start and the same batches
+(relative difference; with --tf32 off this is float32 rounding only).
+
+    python benchmarks/bench_step.py --device cuda --record        # writes benchmarks/results/step-<device>.md
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import common  # noqa: E402
+from numgan import objectives  # noqa: E402
+from numgan.data import ImageSampler  # noqa: E402
+from numgan.models import build_models, set_conv_impl  # noqa: E402
+from numgan.optim import make_game_optimizer  # noqa: E402
+from numgan.step import GanStep  # noqa: E402
+
+
+def plain_port(G, D, method, sampler, z_dim, batch, lr=1e-4, gamma=10.0):
+    """The baseline as a typical port writes it (one function per method, op by op)."""
+    params_g, params_d = list(G.parameters()), list(D.parameters())
+    if method == "altga":
+        opt_d = torch.optim.RMSprop(params_d, lr=lr, alpha=0.9, eps=1e-10)
+        opt_g = torch.optim.RMSprop(params_g, lr=lr, alpha=0.9, eps=1e-10)
+    else:
+        opt = torch.optim.RMSprop(params_g + params_d, lr=lr, alpha=0.9, eps=1e-10)
+    dev = next(G.parameters()).device
+
+    def losses():
+        z = torch.randn(batch, z_dim, device=dev)
+        d_fake = D(G(z))
+        d_real = D(sampler())
+        return (torch.nn.functional.softplus(-d_real).mean() + torch.nn.functional.softplus(d_fake).mean(),
+                torch.nn.functional.softplus(-d_fake).mean())
+
+    def step():
+        if method == "altga":
+            ld, _ = losses()
+            opt_d.zero_grad(), ld.backward(), opt_d.step()
+            z = torch.randn(batch, z_dim, device=dev)
+            lg = torch.nn.functional.softplus(-D(G(z))).mean()
+            opt_g.zero_grad(), lg.backward(), opt_g.step()
+            return
+        ld, lg = losses()
+        gg = torch.autograd.grad(lg, params_g, create_graph=method == "conopt", retain_graph=True)
+        gd = torch.autograd.grad(ld, params_d, create_graph=method == "conopt")
+        grads = list(gg) + list(gd)
+        if method == "conopt":
+            reg = 0.5 * sum((g * g).sum() for g in grads)
+            jg = torch.autograd.grad(reg, params_g + params_d)
+            grads = [g.detach() + gamma * j for g, j in zip(grads, jg)]
+        for p, g in zip(params_g + params_d, grads):
+            p.grad = g.detach()
+        opt.step()
+        opt.zero_grad()
+
+    return step
+
+
+def numgan_step(G, D, method, sampler, z_dim, batch, gemm, graph, seed=0):
+    if gemm:
+        set_conv_impl(G, "gemm"), set_conv_impl(D, "gemm")
+    opt = make_game_optimizer(method, G.parameters(), D.parameters(), lr=1e-4, gamma=10.0)
+    dev = next(G.parameters()).device
+    zgen = torch.Generator(device=dev).manual_seed(seed)
+    return GanStep(G, D, opt, "standard", draw_z=lambda: torch.randn(batch, z_dim, generator=zgen, device=dev),
+                   draw_real=sampler, graph=graph)
+
+
+VARIANTS = {  # name -> (gemm, graph); None = the plain port
+    "plain": None, "eager": (False, False), "gemm": (True, False), "graph": (False, True), "fast": (True, True),
+}
+
+
+def build(variant, method, arch, batch, images, device, seed=0):
+    torch.manual_seed(seed)
+    G, D = build_models(arch, images.shape[-1], z_dim=256, f_dim=64, channels=images.shape[1])
+    G, D = G.to(device), D.to(device)
+    sampler = ImageSampler(images, batch, device=device, seed=seed)
+    if VARIANTS[variant] is None:
+        return plain_port(G, D, method, sampler, 256, batch), G, D
+    gemm, graph = VARIANTS[variant]
+    return numgan_step(G, D, method, sampler, 256, batch, gemm, graph, seed), G, D
+
+
+def check(method, arch, batch, images, device, iters):
+    """||fast - eager|| / ||eager - start|| over all parameters after ``iters`` iterations from the same
+    start on the same batches."""
+    ends, start = [], None
+    for variant in ("eager", "fast"):
+        step, G, D = build(variant, method, arch, batch, images, device)
+        flat = lambda: torch.cat([p.detach().flatten() for p in list(G.parameters()) + list(D.parameters())])  # noqa: E731
+        start = flat()
+        for _ in range(iters):
+            step()
+        ends.append(flat())
+    return float((ends[1] - ends[0]).norm() / (ends[0] - start).norm())
+
+
+def flops_per_step(step):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        step()
+    return fc.get_total_flops()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--arch", default="dcgan4_nobn")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--methods", default="simga,altga,conopt")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--iters", type=int, default=50, help="iterations per timed block")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--tf32", choices=("on", "off"), default="on")
+    ap.add_argument("--check-iters", type=int, default=20, help="0 to skip the fast-vs-eager check")
+    ap.add_argument("--record", action="store_true", help="append the table to benchmarks/results/")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
+    else:
+        torch.set_num_threads(1)
+    images = torch.randint(0, 256, (2048, 3, 32, 32), dtype=torch.uint8)
+    rows, base = [], {}
+    for method in args.methods.split(","):
+        step, G, D = build("eager", method, args.arch, args.batch, images, device)
+        step()
+        flops = flops_per_step(step)   # counted on the eager step (the same arithmetic as every variant)
+        for variant in args.variants.split(","):
+            step, G, D = build(variant, method, args.arch, args.batch, images, device)
+            for _ in range(args.warmup):
+                step()
+
+            def block():
+                for _ in range(args.iters):
+                    step()
+
+            sec = common.timeit(block, warmup=0, repeat=args.repeat, device=device) / args.iters
+            base.setdefault(method, {})[variant] = sec
+            rows.append({"method": method, "variant": variant, "ms/iter": f"{sec * 1e3:.2f}",
+                         "speed-up vs plain": f"{base[method].get('plain', float('nan')) / sec:.1f}x",
+                         "TFLOP/s": f"{flops / sec / 1e12:.1f}" if flops else "",
+                         "GFLOP/iter": f"{flops / 1e9:.0f}" if flops else ""})
+            del step, G, D
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if args.check_iters and device.type == "cuda":
+            rows[-1]["check (rel. diff fast vs eager)"] = f"{check(method, args.arch, args.batch, images, device, args.check_iters):.1e}"
+    ratio = {m: v.get("fast", float("nan")) / base["simga"].get("fast", float("nan")) for m, v in base.items()} \
+        if "simga" in base else {}
+    head = common.header(device)
+    tf32 = args.tf32 if device.type == "cuda" else "n/a (CPU)"
+    text = (f"## {args.arch}, batch {args.batch}, TF32 {tf32}\n\n{common.format_header(head)}\n\n"
+            + common.markdown_table(rows) + "\n\n"
+            + "fast-path time relative to fast SimGA: " + ", ".join(f"{m} {r:.2f}x" for m, r in ratio.items()) + "\n")
+    print(text)
+    if args.record:
+        common.record("step", device, text)
+
+
+if __name__ == "__main__":
+    main()

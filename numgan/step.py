@@ -1,0 +1,215 @@
+"""One training iteration of an image GAN, eager or replayed from a CUDA graph (issue 4).
+
+A game optimiser's step (numgan.optim) is a fixed sequence of GPU kernels: forward passes, first and,
+for ConOpt, second derivatives, and the RMSProp update. Launched one by one from Python it is
+dispatch bound (shared/notes/perf-leads.md: 29 ms of wall time for 12 ms of GPU work), so
+:class:`GanStep` records the whole step once as a CUDA graph and replays it every iteration.
+
+The graph computes the same function as the eager step. Its inputs are static buffers: before each
+replay the step draws exactly what the eager closure would have drawn, in the same order and from the
+same generators (a latent batch from ``draw_z`` for every closure call, a real batch from ``draw_real``
+for every call that needs L_D), and copies them in. Parameters, optimiser state and batch-norm
+statistics are updated in place by the replay, so checkpoints, evaluation and resuming work
+unchanged. The first ``warmup`` iterations run eagerly on a side stream (they are real training
+iterations; they also create the optimiser state and let cuBLAS/cuDNN initialise), the next one is
+captured and then replayed.
+
+On the CPU, or with ``graph=False``, the step is plain eager. ``static=True`` runs the graph path's
+data flow (static input buffers, recorded call pattern) eagerly, without a graph: this is how the CPU
+tests check the buffer logic against the eager closure.
+"""
+import threading
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import objectives
+from .optim import GameOptimizer
+
+# Captures from several threads (numgan.train.train_many) are serialised: a capture must not see
+# another thread's work on its stream.
+_CAPTURE_LOCK = threading.Lock()
+
+
+class GanStep:
+    """``step() -> {"loss_d", "loss_g"}``: one iteration of ``opt`` on fresh minibatches.
+
+    Args:
+        G, D: the players (modules); ``D(x)`` returns logits [B].
+        opt: a numgan.optim game optimiser over G's and D's parameters.
+        objective: the GAN objective (numgan.objectives).
+        draw_z: ``() -> z [B, z_dim]``, a fresh latent batch on the device.
+        draw_real: ``() -> x [B, C, H, W]``, a fresh real batch on the device.
+        graph: capture and replay a CUDA graph (CUDA only; ignored on the CPU).
+        warmup: eager iterations before the capture (at least 1: the optimiser state must exist).
+        static: run the graph path's data flow without a graph (testing).
+        capture_error_mode: passed to ``torch.cuda.graph``; "thread_local" when other threads use the
+            GPU at the same time (numgan.train.train_many).
+    The returned losses are fresh tensors (safe to keep); they stay on the device, so reading them is
+    the caller's choice of when to synchronise.
+    """
+
+    def __init__(self, G, D, opt: GameOptimizer, objective: str, draw_z: Callable[[], Tensor],
+                 draw_real: Callable[[], Tensor], graph: bool = True, warmup: int = 3, static: bool = False,
+                 capture_error_mode: str = "global"):
+        if warmup < 1:
+            raise ValueError(f"warmup must be >= 1, got {warmup}")
+        self.G, self.D, self.opt, self.objective = G, D, opt, objective
+        self.draw_z, self.draw_real = draw_z, draw_real
+        device = next(G.parameters()).device
+        self.graph = bool(graph) and device.type == "cuda"
+        self.static = bool(static) or self.graph
+        self.warmup = warmup
+        self.capture_error_mode = capture_error_mode
+        self.n_steps = 0
+        self._pattern: Optional[list] = None     # [(need_d, need_g)] per closure call of one step
+        self._buffers: list = []                 # static (z, x_real or None) per call
+        self._cuda_graph = None
+        self._out = None
+        self._step_counts: dict = {}
+
+    # -- the losses on given inputs (shared by every path) ------------------------------------------
+    def losses(self, z: Tensor, x_real: Optional[Tensor], need_d: bool = True, need_g: bool = True):
+        """(L_D, L_G) on one latent and one real batch; D is called separately on the fake and the real
+        batch (batch-norm statistics, spec 1.2)."""
+        d_fake = self.D(self.G(z))
+        ld = objectives.loss_d(self.D(x_real), d_fake, self.objective) if need_d else None
+        lg = objectives.loss_g(d_fake, self.objective) if need_g else None
+        return ld, lg
+
+    def _eager_closure(self, pattern: Optional[list] = None):
+        def closure(need_d=True, need_g=True):
+            z = self.draw_z()
+            x = self.draw_real() if need_d else None
+            if pattern is not None:
+                pattern.append((need_d, need_g, z, x))
+            return self.losses(z, x, need_d, need_g)
+        return closure
+
+    def _static_closure(self):
+        calls = iter(range(len(self._buffers)))
+
+        def closure(need_d=True, need_g=True):
+            i = next(calls, None)
+            if i is None or self._pattern[i] != (need_d, need_g):  # pragma: no cover - optimiser misuse
+                raise RuntimeError("the game optimiser's closure calls changed between steps; "
+                                   "CUDA-graph replay needs the same calls every step (use graph=False)")
+            z, x = self._buffers[i]
+            return self.losses(z, x, need_d, need_g)
+        return closure
+
+    def _fill(self) -> None:
+        """Draw this iteration's inputs, in the eager order, into the static buffers."""
+        for (need_d, _), (z, x) in zip(self._pattern, self._buffers):
+            z.copy_(self.draw_z())
+            if need_d:
+                x.copy_(self.draw_real())
+
+    # -- optimiser step counters (TF1RMSprop keeps one per parameter; a replay does not run Python) --
+    def _counters(self) -> dict:
+        out = {}
+        for key, o in self.opt.optimizers.items():
+            for p, st in o.state.items():
+                if "step" in st:
+                    out[(key, id(p))] = st["step"]
+        return out
+
+    def _bump_counters(self) -> None:
+        for key, o in self.opt.optimizers.items():
+            for p, st in o.state.items():
+                inc = self._step_counts.get((key, id(p)), 0)
+                if inc:
+                    st["step"] = st["step"] + inc
+
+    # -- one iteration ---------------------------------------------------------------------------
+    def __call__(self) -> dict:
+        if not self.static:
+            out = self.opt.step(self._eager_closure())
+        elif self.n_steps < self.warmup or self._pattern is None:
+            out = self._warmup_step()
+        else:
+            out = self._replay_step()
+        self.n_steps += 1
+        return out
+
+    step = __call__
+
+    def _warmup_step(self) -> dict:
+        calls, before = [], self._counters()
+        if self.graph:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.opt.step(self._eager_closure(calls))
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            out = self.opt.step(self._eager_closure(calls))
+        pattern = [(need_d, need_g) for need_d, need_g, _, _ in calls]
+        if self._pattern is not None and pattern != self._pattern:
+            raise RuntimeError("the game optimiser's closure calls changed between steps; "
+                               "CUDA-graph replay needs the same calls every step (use graph=False)")
+        if self._pattern is None:
+            self._pattern = pattern
+            self._buffers = [(torch.empty_like(z), None if x is None else torch.empty_like(x))
+                             for _, _, z, x in calls]
+        after = self._counters()
+        self._step_counts = {k: v - before.get(k, 0) for k, v in after.items()}
+        return out
+
+    def _replay_step(self) -> dict:
+        if self.graph and self._cuda_graph is None:
+            self._capture()
+        self._fill()
+        if self.graph:
+            self._cuda_graph.replay()
+            self._bump_counters()
+            return {k: v.clone() for k, v in self._out.items()}
+        return self.opt.step(self._static_closure())
+
+    def _capture(self) -> None:
+        counters = {key: {p: st.get("step") for p, st in o.state.items()} for key, o in self.opt.optimizers.items()}
+        with _CAPTURE_LOCK:
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, capture_error_mode=self.capture_error_mode):
+                self._out = self.opt.step(self._static_closure())
+            torch.cuda.synchronize()
+        # the capture ran the step's Python once without executing it: undo its counter increments
+        for key, o in self.opt.optimizers.items():
+            for p, st in o.state.items():
+                if counters[key].get(p) is not None:
+                    st["step"] = counters[key][p]
+        self._cuda_graph = g
+
+
+def run_concurrently(jobs: Sequence[Callable[[str], object]], device, concurrent: int) -> list:
+    """Run ``jobs`` (each ``job(capture_error_mode) -> result``) ``concurrent`` at a time on one GPU.
+
+    Each job runs in its own thread on its own CUDA stream and is told to capture its CUDA graph with
+    ``capture_error_mode="thread_local"`` (captures are serialised by a lock; the other threads keep
+    replaying meanwhile). On the CPU, or with ``concurrent=1``, the jobs run one after another in this
+    thread with ``"global"``. Results come back in order; the first error is re-raised after every
+    job has finished, so the others' results (and checkpoints) are kept.
+    """
+    if concurrent < 1:
+        raise ValueError(f"concurrent must be >= 1, got {concurrent}")
+    device = torch.device(device)
+    if concurrent == 1 or len(jobs) <= 1 or device.type != "cuda":
+        return [job("global") for job in jobs]
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(job):
+        with torch.cuda.device(device), torch.cuda.stream(torch.cuda.Stream(device)):
+            out = job("thread_local")
+            torch.cuda.current_stream().synchronize()
+        return out
+
+    with ThreadPoolExecutor(max_workers=min(concurrent, len(jobs))) as pool:
+        futures = [pool.submit(one, job) for job in jobs]
+        errors = [f.exception() for f in futures]
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
+    return [f.result() for f in futures]

@@ -1,0 +1,149 @@
+"""The issue-4 fast path for image GANs computes the same function as the plain eager step.
+
+* GEMM convolutions (numgan.models.set_conv_impl) vs torch's native ones: values, first derivatives
+  and ConOpt's second derivatives, in float64, on fresh random parameters and inputs.
+* numgan.step.GanStep: the CUDA-graph data flow (static input buffers filled in the eager draw order,
+  recorded closure pattern), run without a graph on the CPU, gives bit-identical training to the eager
+  closure for every game optimiser.
+The CUDA graph itself needs a GPU: benchmarks/bench_step.py checks it against the eager step there.
+"""
+import numpy as np
+import pytest
+import torch
+
+from numgan import experiments
+from numgan.data import ImageSampler, load_images
+from numgan.models import build_models, set_conv_impl
+from numgan.optim import make_game_optimizer
+from numgan.step import GanStep
+from numgan.train import TrainConfig, train
+
+
+@pytest.fixture
+def float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def _perturb(model, gen):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+
+@pytest.mark.parametrize("arch,size", [("dcgan4_nobn", 32), ("dcgan3", 32), ("resnet_cf", 32), ("dcgan4_nobn", 48)])
+def test_gemm_convolutions_equal_native_values_and_conopt_directions(float64, arch, size):
+    gen = torch.Generator().manual_seed(hash(arch) % 1000 + size)
+    G, D = build_models(arch, size, z_dim=8, f_dim=4)
+    _perturb(G, gen), _perturb(D, gen)   # non-zero biases, random BN betas
+    z = torch.randn(6, 8, generator=gen)
+    x = torch.rand(6, 3, size, size, generator=gen) * 2 - 1
+    state = ({k: v.clone() for k, v in G.state_dict().items()}, {k: v.clone() for k, v in D.state_dict().items()})
+
+    def conopt_update(impl):
+        G.load_state_dict(state[0]), D.load_state_dict(state[1])
+        set_conv_impl(G, impl, strided_only=False), set_conv_impl(D, impl, strided_only=False)
+        # SGD with lr 1: the parameter change is minus ConOpt's direction u + gamma J^T u
+        opt = make_game_optimizer("conopt", G.parameters(), D.parameters(), gamma=0.7,
+                                  optimizer=lambda ps: torch.optim.SGD(ps, lr=1.0))
+        out = (G(z).detach(), D(x).detach())
+
+        def closure(need_d=True, need_g=True):
+            d_fake = D(G(z))
+            return (torch.nn.functional.softplus(-D(x)).mean() + torch.nn.functional.softplus(d_fake).mean(),
+                    torch.nn.functional.softplus(-d_fake).mean())
+
+        opt.step(closure)
+        return out, [p.detach().clone() for p in list(G.parameters()) + list(D.parameters())]
+
+    (g_n, d_n), p_n = conopt_update("native")
+    (g_g, d_g), p_g = conopt_update("gemm")
+    torch.testing.assert_close(g_g, g_n, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(d_g, d_n, rtol=1e-12, atol=1e-12)
+    for a, b in zip(p_g, p_n):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # the step really moved the parameters (the comparison is not between two no-ops)
+    names = [n for n, _ in G.named_parameters()] + [n for n, _ in D.named_parameters()]
+    starts = [state[0][n] for n, _ in G.named_parameters()] + [state[1][n] for n, _ in D.named_parameters()]
+    assert len(names) == len(p_n) and all(not torch.equal(a, b) for a, b in zip(p_n, starts))
+
+
+def test_set_conv_impl_rejects_unknown_and_keeps_stride_one_native():
+    G, D = build_models("resnet_cf", 32, z_dim=8, f_dim=4)
+    with pytest.raises(ValueError, match="unknown conv implementation"):
+        set_conv_impl(D, "winograd")
+    set_conv_impl(D, "gemm")
+    impls = {m.stride[0]: m.impl for m in D.modules() if hasattr(m, "impl")}
+    assert impls == {2: "gemm", 1: "native"}
+    assert set(G.state_dict()) == set(build_models("resnet_cf", 32, z_dim=8, f_dim=4)[0].state_dict())
+
+
+def _make_step(method, static, seed=0, **opt_kw):
+    torch.manual_seed(seed)
+    G, D = build_models("dcgan3", 16, z_dim=8, f_dim=4)   # with batch norm: running statistics must match too
+    opt = make_game_optimizer(method, G.parameters(), D.parameters(), lr=1e-3, gamma=0.5, **opt_kw)
+    images = load_images("synthetic", limit=40, image_size=16)
+    sampler = ImageSampler(images, 8, seed=seed)
+    zgen = torch.Generator().manual_seed(seed + 1)
+    step = GanStep(G, D, opt, "standard", draw_z=lambda: torch.randn(8, 8, generator=zgen), draw_real=sampler,
+                   graph=False, static=static, warmup=2)
+    return step, G, D, opt
+
+
+@pytest.mark.parametrize("method,kw", [("simga", {}), ("conopt", {}), ("conopt", {"unbiased": True}),
+                                       ("altga", {"d_steps": 2}), ("smooth", {}), ("clip", {})])
+def test_static_buffer_path_is_bit_identical_to_the_eager_closure(method, kw):
+    eager, G1, D1, opt1 = _make_step(method, static=False, **kw)
+    static, G2, D2, opt2 = _make_step(method, static=True, **kw)
+    for _ in range(5):   # 2 warm-up steps, then 3 from static buffers
+        l1, l2 = eager(), static()
+        assert torch.equal(l1["loss_d"], l2["loss_d"]) and torch.equal(l1["loss_g"], l2["loss_g"])
+    for a, b in zip(list(G1.state_dict().values()) + list(D1.state_dict().values()),
+                    list(G2.state_dict().values()) + list(D2.state_dict().values())):
+        assert torch.equal(a, b)
+    assert static._pattern is not None and len(static._buffers) == len(static._pattern)
+    s1, s2 = opt1.state_dict(), opt2.state_dict()
+    for key in s1:
+        for i, st in s1[key]["state"].items():
+            assert st["step"] == s2[key]["state"][i]["step"] == 5 * (kw.get("d_steps", 1) if key == "d" else 1)
+
+
+def test_gan_step_rejects_zero_warmup():
+    G, D = build_models("dcgan3", 16, z_dim=8, f_dim=4)
+    opt = make_game_optimizer("simga", G.parameters(), D.parameters())
+    with pytest.raises(ValueError, match="warmup"):
+        GanStep(G, D, opt, "standard", lambda: None, lambda: None, warmup=0)
+
+
+def test_fast_training_on_cpu_matches_the_reference_to_rounding(tmp_path):
+    images = load_images("synthetic", limit=64)
+    cfg = TrainConfig(dataset="synthetic", arch="dcgan4_nobn", method="conopt", f_dim=4, z_dim=8, batch_size=8,
+                      n_iters=6, eval_every=3, log_every=1, inception=False, gamma=1.0)
+    ref = train(cfg, tmp_path / "ref", images=images, fast=False)
+    fast = train(cfg, tmp_path / "fast", images=images, fast=True)
+    np.testing.assert_allclose(fast["loss_d"], ref["loss_d"], rtol=1e-4)
+    np.testing.assert_allclose(fast["loss_g"], ref["loss_g"], rtol=1e-4)
+    assert np.abs(fast["grids"].astype(int) - ref["grids"].astype(int)).max() <= 1
+
+
+def test_tf32_choice_is_part_of_the_configuration():
+    a, b = TrainConfig(), TrainConfig(tf32=False)
+    assert a.tf32 is True and a.key_dict() != b.key_dict()
+
+
+def test_run_many_on_cpu_equals_one_run_at_a_time(monkeypatch):
+    calls = []
+
+    def fake_run(rid, **kw):
+        calls.append((rid, kw.get("capture_error_mode", "global")))
+        return {"run_id": rid}
+
+    monkeypatch.setattr(experiments, "run", fake_run)
+    out = experiments.run_many(["C3-con", "C3-alt"], "smoke", device="cpu", concurrent=4)
+    assert list(out) == ["C3-con", "C3-alt"] and out["C3-alt"] == {"run_id": "C3-alt"}
+    assert calls == [("C3-con", "global"), ("C3-alt", "global")]   # sequential on the CPU
+    with pytest.raises(ValueError, match="concurrent"):
+        experiments.run_many(["C3-con"], "smoke", concurrent=0)
+    assert experiments.default_concurrency("cpu") == 1 and experiments.default_concurrency("cuda") == 4
