@@ -7,9 +7,11 @@ Variants, all on the same models, data and precision:
   plain        a self-contained "usual port": autograd.grad(create_graph=True), native convolutions,
                torch.optim.RMSprop, launched op by op (the baseline; kept as the reference)
   eager        numgan's step without the fast path (train(..., fast=False))
-  gemm         + strided convolutions as GEMMs (numgan.models.set_conv_impl)
-  graph        + native convolutions, the step replayed from a CUDA graph (numgan.step.GanStep)
-  fast         gemm + graph: what numgan.train uses on CUDA
+  graph        native convolutions, the step replayed from a CUDA graph (numgan.step.GanStep)
+  adjoint-graph  convolutions whose derivatives of every order are cuDNN calls (numgan.conv) + graph
+  fast         what numgan.train uses on CUDA: the graph, with im2col/GEMM convolutions (numgan.conv)
+               for ConOpt (numgan.train.fast_conv_impl; SimGA and AltGA keep native convolutions)
+  (--variants also takes "adjoint" and "gemm": those convolutions without the graph)
 Each row is the median over --repeat timed blocks of --iters iterations (after --warmup iterations),
 with the device synchronised around each block. The check column compares the fast path's parameters
 with the eager step's after --check-iters iterations from the same start and the same batches
@@ -33,6 +35,7 @@ from numgan.data import ImageSampler  # noqa: E402
 from numgan.models import build_models, set_conv_impl  # noqa: E402
 from numgan.optim import make_game_optimizer  # noqa: E402
 from numgan.step import GanStep  # noqa: E402
+from numgan.train import fast_conv_impl  # noqa: E402
 
 
 def plain_port(G, D, method, sampler, z_dim, batch, lr=1e-4, gamma=10.0):
@@ -76,9 +79,8 @@ def plain_port(G, D, method, sampler, z_dim, batch, lr=1e-4, gamma=10.0):
     return step
 
 
-def numgan_step(G, D, method, sampler, z_dim, batch, gemm, graph, seed=0):
-    if gemm:
-        set_conv_impl(G, "gemm"), set_conv_impl(D, "gemm")
+def numgan_step(G, D, method, sampler, z_dim, batch, impl, graph, seed=0):
+    set_conv_impl(G, impl), set_conv_impl(D, impl)
     opt = make_game_optimizer(method, G.parameters(), D.parameters(), lr=1e-4, gamma=10.0)
     dev = next(G.parameters()).device
     zgen = torch.Generator(device=dev).manual_seed(seed)
@@ -86,8 +88,9 @@ def numgan_step(G, D, method, sampler, z_dim, batch, gemm, graph, seed=0):
                    draw_real=sampler, graph=graph)
 
 
-VARIANTS = {  # name -> (gemm, graph); None = the plain port
-    "plain": None, "eager": (False, False), "gemm": (True, False), "graph": (False, True), "fast": (True, True),
+VARIANTS = {  # name -> (conv implementation, CUDA graph); None = the plain port
+    "plain": None, "eager": ("native", False), "graph": ("native", True), "adjoint-graph": ("adjoint", True),
+    "fast": ("gemm", True), "adjoint": ("adjoint", False), "gemm": ("gemm", False),
 }
 
 
@@ -98,8 +101,10 @@ def build(variant, method, arch, batch, images, device, seed=0):
     sampler = ImageSampler(images, batch, device=device, seed=seed)
     if VARIANTS[variant] is None:
         return plain_port(G, D, method, sampler, 256, batch), G, D
-    gemm, graph = VARIANTS[variant]
-    return numgan_step(G, D, method, sampler, 256, batch, gemm, graph, seed), G, D
+    impl, graph = VARIANTS[variant]
+    if variant == "fast":
+        impl = fast_conv_impl(method)
+    return numgan_step(G, D, method, sampler, 256, batch, impl, graph, seed), G, D
 
 
 def check(method, arch, batch, images, device, iters):
@@ -130,7 +135,7 @@ def main():
     ap.add_argument("--arch", default="dcgan4_nobn")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--methods", default="simga,altga,conopt")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default="plain,eager,graph,adjoint-graph,fast")
     ap.add_argument("--iters", type=int, default=50, help="iterations per timed block")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=10)

@@ -35,7 +35,7 @@ def main():
     args = ap.parse_args()
     device = torch.device(args.device)
     images = torch.randint(0, 256, (4096, 3, 32, 32), dtype=torch.uint8)
-    rows = []
+    rows, best = [], 1.0
     for method in args.methods.split(","):
         single = None
         for k in map(int, args.ks.split(",")):
@@ -53,6 +53,7 @@ def main():
             assert all(r["status"] == "ok" and r["iters_done"] == args.iters for r in results)
             thr = k * args.iters / wall
             single = thr if k == 1 else single
+            best = max(best, thr / single)
             rows.append({"method": method, "concurrent runs": k, "iterations each": args.iters,
                          "wall s": f"{wall:.1f}", "total it/s": f"{thr:.0f}",
                          "vs one at a time": f"{thr / single:.2f}x" if single else ""})
@@ -60,6 +61,7 @@ def main():
     text = (f"## Concurrent runs of {args.arch} (batch 64, synthetic data, no evaluation)\n\n"
             f"{common.format_header(common.header(device))}\n\n{common.markdown_table(rows)}\n")
     print(text)
+    print(f"BEST_GAIN={best:.2f}")
     if args.record:
         common.record("sweep", device, text)
 

@@ -1,14 +1,18 @@
-"""Shared helpers of the benchmark scripts: timing with device synchronisation, the run header
-(device, torch version, date, commit, threads) and markdown tables recorded under benchmarks/results/.
+"""Shared helpers for the numgan benchmarks (issue 4): a timer that synchronises CUDA, the run header
+(device, torch version, date, git commit, threads), markdown tables and result files.
 
-Benchmarks print tables; they never assert on timings (tests do not time anything)."""
-import datetime
-import os
+Scripts live beside this file and are run as ``python benchmarks/<name>.py``; no timing ever enters the
+test suite.
+"""
+from __future__ import annotations
+
+import datetime as _dt
 import platform
 import statistics
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 
@@ -16,18 +20,21 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def sync(device) -> None:
-    if torch.device(device).type == "cuda":
+    """Wait for queued work on ``device`` (a no-op on the CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def timeit(fn, warmup: int = 1, repeat: int = 5, device="cpu") -> float:
-    """Median wall-clock seconds of ``fn()`` over ``repeat`` calls after ``warmup`` calls, with the device
-    synchronised before and after each timed call."""
+def timeit(fn: Callable[[], object], warmup: int = 3, repeat: int = 10, device="cpu") -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeat`` calls after ``warmup`` calls (CUDA-synchronised)."""
+    if repeat < 1:
+        raise ValueError(f"repeat must be >= 1, got {repeat}")
     for _ in range(warmup):
         fn()
+    sync(device)
     times = []
     for _ in range(repeat):
-        sync(device)
         t0 = time.perf_counter()
         fn()
         sync(device)
@@ -35,54 +42,71 @@ def timeit(fn, warmup: int = 1, repeat: int = 5, device="cpu") -> float:
     return statistics.median(times)
 
 
-def _commit() -> str:
+def git_commit() -> str:
+    """Short hash of HEAD (``+dirty`` when the working tree has changes), or ``unknown``; ``$NUMGAN_COMMIT``
+    overrides it (a copy of the checkout, e.g. on a GPU machine, may carry a stale HEAD)."""
+    import os
+
+    if os.environ.get("NUMGAN_COMMIT"):
+        return os.environ["NUMGAN_COMMIT"]
+    root = Path(__file__).resolve().parent.parent
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10)
-        return (out.stdout.strip() or "unknown") + ("+changes" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return os.environ.get("NUMGAN_COMMIT", "unknown")
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def device_name(device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return platform.processor() or platform.machine() or "cpu"
 
 
 def header(device) -> dict:
-    """What a recorded result must carry: device, torch/CUDA version, date, commit, threads, TF32."""
+    """Facts that belong with every timing: device, torch/CUDA version, date, commit, threads, TF32 flags."""
     device = torch.device(device)
-    return {"device": device_name(device), "torch": torch.__version__,
-            "cuda": torch.version.cuda if device.type == "cuda" else "-",
-            "date": datetime.date.today().isoformat(), "commit": os.environ.get("NUMGAN_COMMIT") or _commit(),
-            "threads": torch.get_num_threads(),
-            "tf32 (matmul/cudnn)": (f"{torch.backends.cuda.matmul.allow_tf32}/{torch.backends.cudnn.allow_tf32}"
-                                    if device.type == "cuda" else "-")}
+    head = {"device": device_name(device), "torch": torch.__version__,
+            "date": _dt.datetime.now().isoformat(timespec="seconds"), "commit": git_commit(),
+            "threads": torch.get_num_threads(), "python": platform.python_version()}
+    if device.type == "cuda":
+        head["cuda"] = torch.version.cuda
+        head["tf32 matmul/cudnn"] = f"{torch.backends.cuda.matmul.allow_tf32}/{torch.backends.cudnn.allow_tf32}"
+    return head
 
 
 def format_header(head: dict) -> str:
+    """The header on one line."""
     return " | ".join(f"{k}: {v}" for k, v in head.items())
 
 
-def markdown_table(rows, columns=None) -> str:
-    """A markdown table of dict rows (columns: the union of keys in first-seen order, or as given)."""
+def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
+    """A markdown table of ``rows`` (dicts) in the given column order (default: keys in first-seen order);
+    floats get 4 significant digits."""
     if columns is None:
-        columns = []
-        for r in rows:
-            columns += [k for k in r if k not in columns]
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
+def header_text(device) -> str:
+    return "\n".join(f"- {k}: {v}" for k, v in header(device).items())
+
+
 def record(name: str, device, text: str) -> Path:
-    """Append ``text`` to benchmarks/results/<name>-<cpu|cuda>.md (newest last)."""
+    """Append ``text`` to ``benchmarks/results/<name>-<device type>.md`` and return the path."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}-{torch.device(device).type}.md"
-    with open(path, "a") as fh:
-        fh.write(text.rstrip() + "\n\n")
+    with open(path, "a") as f:
+        f.write(text.rstrip() + "\n\n")
     return path

@@ -20,7 +20,7 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--arch", default="dcgan4_nobn")
     ap.add_argument("--method", default="conopt")
-    ap.add_argument("--variant", default="gemm", choices=list(VARIANTS))
+    ap.add_argument("--variant", default="adjoint", choices=list(VARIANTS))
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--rows", type=int, default=20)
     args = ap.parse_args()

@@ -79,6 +79,22 @@ ALIASES = {"LR-alt-3-1e-4": "C3-alt", "LR-alt-4-1e-4": "CMP-alt-0", "LR-con-3-1e
            "LR-con-4-1e-4": "CMP-con-1", "GM-3-0.1": "LR-con-3-2e-4", "GM-4-10": "LR-con-4-2e-4",
            "DIV-std": "CMP-con-2", "DIV-JS": "CMP-con-3"}
 
+# The image runs each paper figure needs (Figs. 1-3 are the CPU-sized MoG experiments).
+_CMP = tuple(f"CMP-{m}-{j}" for j in JOBS for m in METHODS)
+FIGURE_RUNS = {
+    4: ("C3-con", "CMP-con-1", "CEL-con"),
+    5: ("C3-alt", "C3-con"),
+    6: _CMP,
+    7: _CMP,
+    8: tuple(f"FC-{m}-{j}" for j in JOBS for m in METHODS),
+    9: ("DIV-std", "DIV-JS", "DIV-ind"),
+    10: ("CEL-sim", "CEL-alt", "CEL-con"),
+    11: ("CMP-con-1", "CMP-alt-0", "C3-con", "C3-alt"),
+    12: tuple(f"LR-alt-{a}-{lr}" for a in (3, 4) for lr in ("1e-4", "2e-4", "5e-4")),
+    13: tuple(f"LR-con-{a}-{lr}" for a in (3, 4) for lr in ("1e-4", "2e-4", "5e-4")),
+    14: tuple(f"GM-{a}-{g}" for a, gs in ((3, ("0.1", "1", "10")), (4, ("0.1", "1", "10"))) for g in gs),
+}
+
 SCALES = {
     # smoke: every notebook in seconds on a 2-core CPU (CI). Widths and batch shrink; the run table's
     # architecture, objective, method, lr and gamma stay.

@@ -535,21 +535,43 @@ def feature_stats(features) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(axis=0), np.atleast_2d(np.cov(f, rowvar=False))
 
 
-def fid_from_stats(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+def _trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
+    """tr (S1 S2)^(1/2) for symmetric PSD S1, S2 from two symmetric eigendecompositions.
+
+    S1 S2 is similar to M = S1^(1/2) S2 S1^(1/2), which is symmetric PSD, so tr (S1 S2)^(1/2) =
+    sum_i sqrt(lambda_i(M)). Same value as the TTUR formula's scipy.linalg.sqrtm (Schur based) to
+    round-off (tests/test_metrics.py), about 10x faster at 2048 x 2048: FID was most of the time of an
+    evaluation (issue 4, benchmarks/results/cost-cuda.md).
+    """
+    w, v = np.linalg.eigh(s1)
+    root = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    lam = np.linalg.eigvalsh(root @ s2 @ root)
+    return float(np.sqrt(np.clip(lam, 0.0, None)).sum())
+
+
+def fid_from_stats(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, method: str = "eigh") -> float:
     """Frechet distance ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) between two Gaussians.
 
-    Uses scipy.linalg.sqrtm in float64; if the product is singular enough that sqrtm fails, `eps`
-    is added to both diagonals (as TTUR / pytorch-fid).  Imaginary parts from round-off are dropped.
+    ``method="eigh"`` (default) computes tr (S1 S2)^(1/2) from symmetric eigendecompositions
+    (`_trace_sqrt_product`). ``method="sqrtm"`` is the TTUR / pytorch-fid computation: scipy.linalg.sqrtm
+    in float64; if the product is singular enough that sqrtm fails, `eps` is added to both diagonals,
+    and imaginary parts from round-off are dropped.
 
     Raises:
-        ValueError: shape mismatch, or a sqrt with a significant imaginary diagonal part.
+        ValueError: shape mismatch, unknown method, or (sqrtm) a significant imaginary diagonal part.
     """
+    if method not in ("eigh", "sqrtm"):
+        raise ValueError(f"unknown FID method {method!r}; choose 'eigh' or 'sqrtm'")
     mu1, mu2 = (np.atleast_1d(np.asarray(m, dtype=np.float64)) for m in (mu1, mu2))
     s1, s2 = (np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in (sigma1, sigma2))
     d = mu1.shape[0]
     if mu1.shape != (d,) or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
         raise ValueError(f"inconsistent shapes: mu1 {mu1.shape}, sigma1 {s1.shape}, mu2 {mu2.shape}, sigma2 {s2.shape}")
     diff = mu1 - mu2
+    if method == "eigh":
+        if not (np.isfinite(s1).all() and np.isfinite(s2).all()):
+            raise ValueError("FID: the covariances are not finite")
+        return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * _trace_sqrt_product(s1, s2))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scipy warns on singular input; we check the result below
         covmean = scipy.linalg.sqrtm(s1 @ s2)

@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import conv
+
 __all__ = [
     "ARCHITECTURES",
     "BN_EPS",
@@ -72,48 +74,7 @@ RESNET_BRANCH_INIT_STD = 1e-5  # release/6b6df36 ResNet: last conv of each resid
 # ---------------------------------------------------------------------------------------------
 
 
-CONV_IMPLS = ("native", "gemm")
-
-
-def _conv2d_gemm(x: torch.Tensor, weight: torch.Tensor, bias, stride: int) -> torch.Tensor:
-    """F.conv2d(x, weight, bias, stride) (no padding) as im2col and one 2-D matrix product.
-
-    Same function as the native convolution; its first *and second* derivatives are matrix products,
-    strided views and ``unfold_backward`` (col2im), whereas PyTorch's native double backward of a
-    strided convolution falls back to a slow non-cuDNN dilated kernel on CUDA (shared/notes/
-    perf-leads.md: 60% of a ConOpt step's GPU time). im2col is a strided view (``Tensor.unfold``)
-    copied once into [B Ho Wo, k k C] rows (channels innermost); ``F.unfold`` is avoided because its
-    CUDA kernel is launched once per image (benchmarks/results/step-cuda.md). The output is an NCHW
-    view of channels-last memory.
-    """
-    b = x.shape[0]
-    c_out, _, k, _ = weight.shape
-    patches = x.unfold(2, k, stride).unfold(3, k, stride)            # [B, C, Ho, Wo, k, k] (a view)
-    ho, wo = patches.shape[2], patches.shape[3]
-    cols = patches.permute(0, 2, 3, 4, 5, 1).reshape(b * ho * wo, -1)   # [B Ho Wo, k k C] (one copy)
-    y = cols @ weight.permute(0, 2, 3, 1).reshape(c_out, -1).t()          # [B Ho Wo, O]
-    if bias is not None:
-        y = y + bias
-    return y.view(b, ho, wo, c_out).permute(0, 3, 1, 2)
-
-
-def _conv_transpose2d_gemm(x: torch.Tensor, weight: torch.Tensor, bias, stride: int, padding: int) -> torch.Tensor:
-    """F.conv_transpose2d(x, weight, bias, stride, padding) as one 2-D matrix product and col2im.
-
-    col2im (summing the k x k patches into the output) is the adjoint of the strided im2col view, i.e.
-    ``unfold_backward`` applied per spatial axis; its derivative is again a strided view.
-    """
-    b, c_in, h, w = x.shape
-    _, c_out, k, _ = weight.shape
-    rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c_in)                # free for channels-last input
-    cols = rows @ weight.reshape(c_in, c_out * k * k)                    # [B H W, O k k]
-    cols = cols.view(b, h, w, c_out, k, k).permute(0, 3, 1, 2, 4, 5)     # [B, O, H, W, k, k] (a view)
-    hf, wf = (h - 1) * stride + k, (w - 1) * stride + k                 # the uncropped output
-    y = torch.ops.aten.unfold_backward(cols, [b, c_out, h, wf, k], 3, k, stride)
-    y = torch.ops.aten.unfold_backward(y, [b, c_out, hf, wf], 2, k, stride)
-    if padding:
-        y = y[:, :, padding:hf - padding, padding:wf - padding]
-    return y if bias is None else y + bias.view(1, -1, 1, 1)
+CONV_IMPLS = ("native", "adjoint", "gemm")   # see set_conv_impl and numgan.conv
 
 
 def tf_same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -140,15 +101,17 @@ class SameConv2d(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=0, bias=bias)
         self.same_kernel = int(kernel_size)
         self.same_stride = int(stride)
-        self.impl = "native"   # or "gemm": see set_conv_impl
+        self.impl = "native"   # or "adjoint" / "gemm": see set_conv_impl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         top, bottom = tf_same_padding(x.shape[-2], self.same_kernel, self.same_stride)
         left, right = tf_same_padding(x.shape[-1], self.same_kernel, self.same_stride)
         if top or bottom or left or right:
             x = F.pad(x, (left, right, top, bottom))
+        if self.impl == "adjoint":
+            return conv.conv2d_adjoint(x, self.weight, self.bias, self.same_stride)
         if self.impl == "gemm":
-            return _conv2d_gemm(x, self.weight, self.bias, self.same_stride)
+            return conv.conv2d_gemm(x, self.weight, self.bias, self.same_stride)
         return super().forward(x)
 
 
@@ -170,11 +133,13 @@ class SameConvTranspose2d(nn.ConvTranspose2d):
         before, after = total // 2, total - total // 2
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=before, bias=bias)
         self.crop_after = after - before  # 0 or 1 extra rows/cols at the end
-        self.impl = "native"   # or "gemm": see set_conv_impl
+        self.impl = "native"   # or "adjoint" / "gemm": see set_conv_impl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.impl == "gemm":
-            y = _conv_transpose2d_gemm(x, self.weight, self.bias, self.stride[0], self.padding[0])
+        if self.impl == "adjoint":
+            y = conv.conv_transpose2d_adjoint(x, self.weight, self.bias, self.stride[0], self.padding[0])
+        elif self.impl == "gemm":
+            y = conv.conv_transpose2d_gemm(x, self.weight, self.bias, self.stride[0], self.padding[0])
         else:
             y = super().forward(x)
         if self.crop_after:
@@ -448,14 +413,16 @@ def _init_weights(net: nn.Module) -> None:
 def set_conv_impl(model: nn.Module, impl: str = "gemm", strided_only: bool = True) -> nn.Module:
     """Choose how the model's SAME convolutions are computed; returns ``model``.
 
-    ``"native"``: torch's conv2d / conv_transpose2d (cuDNN on CUDA). ``"gemm"``: im2col / col2im and one
-    2-D matrix product per layer (``_conv2d_gemm``). Both compute the same function with the same
-    parameters (tests/test_models.py compares them in float64, values and ConOpt's second derivatives),
-    so a model can be switched at any time and its state dict does not change. The reason for
-    ``"gemm"`` is ConOpt's double backprop: on CUDA, PyTorch differentiates the backward of a *strided*
-    convolution with a slow non-cuDNN kernel, while every derivative of the GEMM form is again a
-    matrix product or im2col/col2im. ``strided_only`` leaves the stride-1 convolutions (ResNet blocks),
-    whose double backward stays on cuDNN, native. numgan.train picks "gemm" on CUDA (issue 4).
+    ``"native"``: torch's conv2d / conv_transpose2d. ``"adjoint"``: the same cuDNN kernels through
+    autograd Functions whose derivatives of every order are again cuDNN convolutions
+    (numgan.conv). ``"gemm"``: im2col / col2im and one matrix product per layer. All three compute the
+    same function with the same parameters (tests/test_step.py compares values and ConOpt's second
+    derivatives in float64), so a model can be switched at any time and its state dict does not
+    change. The reason is ConOpt's double backprop: on CUDA, PyTorch differentiates the backward of
+    a *strided* convolution with a slow non-cuDNN kernel. ``strided_only`` leaves the stride-1
+    convolutions (ResNet blocks), whose double backward stays on cuDNN, native. numgan.train uses
+    ``"gemm"`` on CUDA: on an H100 it gave the fastest ConOpt step of the three (cuDNN's strided dgrad
+    kernels and its NCHW/NHWC conversions made "adjoint" slower; benchmarks/results/step-cuda.md).
     """
     if impl not in CONV_IMPLS:
         raise ValueError(f"unknown conv implementation {impl!r}; choose one of {CONV_IMPLS}")

@@ -52,7 +52,7 @@ class GameOptimizer:
     def _apply(self, directions: list[Tensor], params: list[Tensor], key: str = "both") -> None:
         """Hand the (loss-form) directions to the inner optimiser and take one step."""
         for p, d in zip(params, directions):
-            p.grad = d.detach()
+            p.grad = d.detach().contiguous()   # dense grads keep the optimiser's foreach kernels on their fast path
         self.optimizers[key].step()
         for p in params:
             p.grad = None

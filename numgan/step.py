@@ -27,9 +27,10 @@ from torch import Tensor
 from . import objectives
 from .optim import GameOptimizer
 
-# Captures from several threads (numgan.train.train_many) are serialised: a capture must not see
-# another thread's work on its stream.
-_CAPTURE_LOCK = threading.Lock()
+# Runs trained in parallel threads (run_concurrently) share PyTorch's autograd engine thread: a capture
+# must not overlap another run's eager autograd work (CUDA: "capturing stream has unjoined work"), so
+# the eager warm-up steps and the captures of graphed steps take this lock. Replays do not.
+_CAPTURE_LOCK = threading.RLock()
 
 
 class GanStep:
@@ -127,7 +128,11 @@ class GanStep:
         if not self.static:
             out = self.opt.step(self._eager_closure())
         elif self.n_steps < self.warmup or self._pattern is None:
-            out = self._warmup_step()
+            if self.graph:
+                with _CAPTURE_LOCK:
+                    out = self._warmup_step()
+            else:
+                out = self._warmup_step()
         else:
             out = self._replay_step()
         self.n_steps += 1

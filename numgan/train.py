@@ -112,6 +112,16 @@ class Diverged(Exception):
 _INIT_LOCK = threading.Lock()
 
 
+def fast_conv_impl(method: str) -> str:
+    """The convolution form of the fast path (numgan.models.set_conv_impl) for a game optimiser.
+
+    Methods that differentiate the players' gradients again (ConOpt, smoothing) use the im2col/GEMM
+    form, whose second derivatives avoid PyTorch's slow strided-convolution double backward; first-order
+    methods keep torch's native (cuDNN) convolutions, which were as fast or faster for them on an H100
+    (benchmarks/results/step-cuda.md, cost-cuda.md)."""
+    return "gemm" if method in ("conopt", "smooth") else "native"
+
+
 def set_precision(device, tf32: bool) -> None:
     """Apply the TF32 choice (TrainConfig.tf32) to CUDA matrix products and cuDNN convolutions.
 
@@ -137,8 +147,10 @@ def train(cfg: TrainConfig, run_dir=None, device="cpu", images: Optional[torch.T
         max_iters: stop after this iteration (checkpointing first) even if ``cfg.n_iters`` is larger:
             for splitting a long run over several time-limited jobs. The result is then marked
             ``status = "partial"``.
-        fast: the issue-4 fast path, default on for CUDA: strided convolutions as GEMMs
-            (numgan.models.set_conv_impl) and the whole step replayed from a CUDA graph (numgan.step).
+        fast: the issue-4 fast path, default on for CUDA: strided convolutions as im2col + matrix
+            products (numgan.conv via numgan.models.set_conv_impl; fastest of the three forms on an
+            H100, benchmarks/results/step-cuda.md) and the whole step replayed from a CUDA graph
+            (numgan.step).
             It computes the same function as the eager step (tests/test_step.py), so it is not part of
             the run's cache key; ``fast=False`` is the plain eager reference.
     Returns keys: ``eval_iters``, ``grids`` (uint8 [K, 64, C, H, W]), ``is_mean``, ``is_std``, ``fid``,
@@ -161,7 +173,7 @@ def train(cfg: TrainConfig, run_dir=None, device="cpu", images: Optional[torch.T
     if fast:
         from .models import set_conv_impl
 
-        set_conv_impl(G, "gemm"), set_conv_impl(D, "gemm")
+        set_conv_impl(G, fast_conv_impl(cfg.method)), set_conv_impl(D, fast_conv_impl(cfg.method))
     opt = make_game_optimizer(cfg.method, G.parameters(), D.parameters(), lr=cfg.lr, gamma=cfg.gamma,
                               **_optimizer_kwargs(cfg))
     sampler = ImageSampler(images, cfg.batch_size, device=device, seed=cfg.seed)

@@ -489,3 +489,17 @@ def test_random_init_torch_fidelity_inception(tmp_path):
     assert loaded.tag.endswith(M.INCEPTION_WEIGHTS_FILENAME)
     again = loaded(imgs[:1])
     assert torch.allclose(again["logits_unbiased"], logits[:1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,d", [(400, 32), (50, 64)])   # full-rank and rank-deficient covariances
+def test_fid_eigh_equals_the_ttur_sqrtm_formula(n, d):
+    rng = np.random.default_rng(n + d)
+    a = rng.normal(size=(n, d)) @ rng.normal(size=(d, d))
+    b = 0.7 * rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) + 0.3
+    (m1, s1), (m2, s2) = M.feature_stats(a), M.feature_stats(b)
+    fast = M.fid_from_stats(m1, s1, m2, s2)
+    ref = M.fid_from_stats(m1, s1, m2, s2, method="sqrtm")
+    assert fast == pytest.approx(ref, rel=1e-6)
+    assert fast > 1.0
+    with pytest.raises(ValueError, match="unknown FID method"):
+        M.fid_from_stats(m1, s1, m2, s2, method="svd")

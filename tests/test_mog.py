@@ -207,7 +207,7 @@ class _Interrupt(Exception):
 
 
 def test_train_resumes_from_checkpoint(tmp_path, monkeypatch):
-    ref = mog.train("conopt", **TRAIN_KW)  # uninterrupted, no run_dir
+    ref = mog.train("conopt", engine="autograd", **TRAIN_KW)  # uninterrupted, no run_dir
 
     real_factory = numgan.optim.make_game_optimizer
 
@@ -226,10 +226,10 @@ def test_train_resumes_from_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(numgan.optim, "make_game_optimizer", interrupting_factory)
     with pytest.raises(_Interrupt):
-        mog.train("conopt", run_dir=tmp_path, **TRAIN_KW)
+        mog.train("conopt", run_dir=tmp_path, engine="autograd", **TRAIN_KW)
     assert (tmp_path / "checkpoint.pt").exists()
     monkeypatch.setattr(numgan.optim, "make_game_optimizer", real_factory)
-    resumed = mog.train("conopt", run_dir=tmp_path, **TRAIN_KW)
+    resumed = mog.train("conopt", run_dir=tmp_path, engine="autograd", **TRAIN_KW)
 
     for key in ("iters", "samples", "params", "modes", "hq", "log_iters", "loss_d", "loss_g", "diverged_at",
                 "real"):

@@ -33,8 +33,9 @@ def _perturb(model, gen):
             p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
 
 
+@pytest.mark.parametrize("impl", ["adjoint", "gemm"])
 @pytest.mark.parametrize("arch,size", [("dcgan4_nobn", 32), ("dcgan3", 32), ("resnet_cf", 32), ("dcgan4_nobn", 48)])
-def test_gemm_convolutions_equal_native_values_and_conopt_directions(float64, arch, size):
+def test_fast_convolutions_equal_native_values_and_conopt_directions(float64, arch, size, impl):
     gen = torch.Generator().manual_seed(hash(arch) % 1000 + size)
     G, D = build_models(arch, size, z_dim=8, f_dim=4)
     _perturb(G, gen), _perturb(D, gen)   # non-zero biases, random BN betas
@@ -59,7 +60,7 @@ def test_gemm_convolutions_equal_native_values_and_conopt_directions(float64, ar
         return out, [p.detach().clone() for p in list(G.parameters()) + list(D.parameters())]
 
     (g_n, d_n), p_n = conopt_update("native")
-    (g_g, d_g), p_g = conopt_update("gemm")
+    (g_g, d_g), p_g = conopt_update(impl)
     torch.testing.assert_close(g_g, g_n, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(d_g, d_n, rtol=1e-12, atol=1e-12)
     for a, b in zip(p_g, p_n):
@@ -74,9 +75,9 @@ def test_set_conv_impl_rejects_unknown_and_keeps_stride_one_native():
     G, D = build_models("resnet_cf", 32, z_dim=8, f_dim=4)
     with pytest.raises(ValueError, match="unknown conv implementation"):
         set_conv_impl(D, "winograd")
-    set_conv_impl(D, "gemm")
+    set_conv_impl(D, "adjoint")
     impls = {m.stride[0]: m.impl for m in D.modules() if hasattr(m, "impl")}
-    assert impls == {2: "gemm", 1: "native"}
+    assert impls == {2: "adjoint", 1: "native"}
     assert set(G.state_dict()) == set(build_models("resnet_cf", 32, z_dim=8, f_dim=4)[0].state_dict())
 
 
@@ -147,3 +148,16 @@ def test_run_many_on_cpu_equals_one_run_at_a_time(monkeypatch):
     with pytest.raises(ValueError, match="concurrent"):
         experiments.run_many(["C3-con"], "smoke", concurrent=0)
     assert experiments.default_concurrency("cpu") == 1 and experiments.default_concurrency("cuda") == 4
+
+
+def test_fast_path_picks_gemm_convolutions_only_for_second_order_methods():
+    from numgan.train import fast_conv_impl
+
+    assert [fast_conv_impl(m) for m in ("conopt", "smooth", "simga", "altga", "clip")] == \
+        ["gemm", "gemm", "native", "native", "native"]
+
+
+def test_every_image_run_belongs_to_a_figure():
+    used = {experiments.resolve(r) for ids in experiments.FIGURE_RUNS.values() for r in ids}
+    assert used == set(experiments.RUNS)
+    assert set(experiments.FIGURE_RUNS) == set(range(4, 15))
