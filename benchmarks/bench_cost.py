@@ -132,9 +132,7 @@ def main():
             f"{common.format_header(common.header(device))}\n\n"
             f"Evaluation (6,400 samples): IS {ev_s[False]:.2f} s, IS + FID {ev_s[True]:.2f} s.\n\n"
             f"{common.markdown_table(rows)}\n\nPer configuration:\n\n{common.markdown_table(steps)}\n")
-    print(text)
-    if args.record:
-        common.record("cost", device, text)
+    common.report("cost", device, text, args.record)
 
 
 if __name__ == "__main__":

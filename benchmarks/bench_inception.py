@@ -70,9 +70,7 @@ def main():
             break
     text = (f"## Inception Score of {args.n_samples} samples (dcgan4_nobn generator)\n\n"
             f"{common.format_header(common.header(device))}\n\n{common.markdown_table(rows)}\n")
-    print(text)
-    if args.record:
-        common.record("inception", device, text)
+    common.report("inception", device, text, args.record)
 
 
 if __name__ == "__main__":

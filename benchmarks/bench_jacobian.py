@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import header_text, markdown_table, record, timeit  # noqa: E402
+from common import header_text, markdown_table, report, timeit  # noqa: E402
 from numgan import mog, mog_fused, spectrum  # noqa: E402
 
 
@@ -54,9 +54,7 @@ def main():
             print(rows[-1], flush=True)
     text = f"## bench_jacobian ({device.type}, batch {args.batch})\n\n{header_text(device)}\n\n"
     text += markdown_table(rows, ["method", "dtype", "seconds", "rel_err_vs_jacrev"])
-    print(text)
-    if args.record:
-        print("recorded in", record("bench_jacobian", device, text))
+    report("bench_jacobian", device, text, args.record)
 
 
 if __name__ == "__main__":

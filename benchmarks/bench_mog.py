@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import header_text, markdown_table, record, sync, timeit  # noqa: E402
+from common import header_text, markdown_table, report, sync, timeit  # noqa: E402
 from numgan import mog, mog_fused  # noqa: E402
 from numgan.optim import make_game_optimizer  # noqa: E402
 
@@ -94,9 +94,7 @@ def main():
             print(full[-1], flush=True)
         text += "\n\nFull single-seed 20,000-step ConOpt run, mog.train(engine=...):\n\n"
         text += markdown_table(full, ["engine", "wall_s", "step_s", "final_modes"])
-    print(text)
-    if args.record:
-        print("recorded in", record("bench_mog", device, text))
+    report("bench_mog", device, text, args.record)
 
 
 if __name__ == "__main__":

@@ -181,9 +181,7 @@ def main():
     text = (f"## {args.arch}, batch {args.batch}, TF32 {tf32}\n\n{common.format_header(head)}\n\n"
             + common.markdown_table(rows) + "\n\n"
             + "fast-path time relative to fast SimGA: " + ", ".join(f"{m} {r:.2f}x" for m, r in ratio.items()) + "\n")
-    print(text)
-    if args.record:
-        common.record("step", device, text)
+    common.report("step", device, text, args.record)
 
 
 if __name__ == "__main__":

@@ -60,10 +60,8 @@ def main():
             print(rows[-1], flush=True)
     text = (f"## Concurrent runs of {args.arch} (batch 64, synthetic data, no evaluation)\n\n"
             f"{common.format_header(common.header(device))}\n\n{common.markdown_table(rows)}\n")
-    print(text)
+    common.report("sweep", device, text, args.record)
     print(f"BEST_GAIN={best:.2f}")
-    if args.record:
-        common.record("sweep", device, text)
 
 
 if __name__ == "__main__":

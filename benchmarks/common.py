@@ -110,3 +110,10 @@ def record(name: str, device, text: str) -> Path:
     with open(path, "a") as f:
         f.write(text.rstrip() + "\n\n")
     return path
+
+
+def report(name: str, device, text: str, save: bool) -> None:
+    """Print a benchmark's table text; with ``save``, also append it to results/ (see :func:`record`)."""
+    print(text)
+    if save:
+        print("recorded in", record(name, device, text))
