@@ -148,6 +148,23 @@ def test_run_many_on_cpu_equals_one_run_at_a_time(monkeypatch):
     with pytest.raises(ValueError, match="concurrent"):
         experiments.run_many(["C3-con"], "smoke", concurrent=0)
     assert experiments.default_concurrency("cpu") == 1 and experiments.default_concurrency("cuda") == 4
+    assert experiments.concurrency_for("CMP-con-1", "cuda") == 4 and experiments.concurrency_for("CEL-con", "cuda") == 1
+
+
+def test_run_many_trains_celeba_runs_one_at_a_time(monkeypatch):
+    from numgan import step
+
+    seen = []
+
+    def fake_concurrently(jobs, device, n):
+        seen.append((n, len(jobs)))
+        return [job("global") for job in jobs]
+
+    monkeypatch.setattr(step, "run_concurrently", fake_concurrently)
+    monkeypatch.setattr(experiments, "run", lambda rid, **kw: {"run_id": rid})
+    out = experiments.run_many(["C3-con", "CEL-con", "CMP-con-1"], "full", device="cuda")
+    assert list(out) == ["C3-con", "CEL-con", "CMP-con-1"]
+    assert sorted(seen) == [(1, 1), (4, 2)]
 
 
 def test_fast_path_picks_gemm_convolutions_only_for_second_order_methods():
