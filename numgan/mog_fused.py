@@ -600,15 +600,14 @@ class GraphedSteps:
     """``n_steps`` captured steps of a :class:`FusedMoG`; see :meth:`FusedMoG.make_graphed_steps`."""
 
     def __init__(self, eng: FusedMoG, n_steps: int, batch_size: int, sample: bool):
-        from .mog import centres, STD
+        from .mog import N_MODES, STD, _row_centres
         S, dev, dt = eng.n_seeds, eng.params.device, eng.params.dtype
         self.engine, self.n_steps, self.sample = eng, n_steps, sample
         self.x_real = torch.zeros(n_steps, S, batch_size, X_DIM, device=dev, dtype=dt)
         self.z = torch.zeros(n_steps, S, batch_size, Z_DIM, device=dev, dtype=dt)
         self.loss_d = torch.zeros(n_steps, S, device=dev, dtype=dt)
         self.loss_g = torch.zeros(n_steps, S, device=dev, dtype=dt)
-        c = torch.as_tensor(centres(), dtype=dt, device=dev)
-        self._modes = c[torch.arange(batch_size, device=dev) % len(c)]  # as numgan.mog.sample_real
+        self._modes = _row_centres(batch_size, N_MODES, dt, dev)  # numgan.mog.sample_real's centres
         self._std = STD
 
         def body():
