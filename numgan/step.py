@@ -31,6 +31,8 @@ from .optim import GameOptimizer
 # must not overlap another run's eager autograd work (CUDA: "capturing stream has unjoined work"), so
 # the eager warm-up steps and the captures of graphed steps take this lock. Replays do not.
 _CAPTURE_LOCK = threading.RLock()
+_PATTERN_CHANGED = ("the game optimiser's closure calls changed between steps; "
+                    "CUDA-graph replay needs the same calls every step (use graph=False)")
 
 
 class GanStep:
@@ -46,7 +48,7 @@ class GanStep:
         warmup: eager iterations before the capture (at least 1: the optimiser state must exist).
         static: run the graph path's data flow without a graph (testing).
         capture_error_mode: passed to ``torch.cuda.graph``; "thread_local" when other threads use the
-            GPU at the same time (numgan.train.train_many).
+            GPU at the same time (:func:`run_concurrently`).
     The returned losses are fresh tensors (safe to keep); they stay on the device, so reading them is
     the caller's choice of when to synchronise.
     """
@@ -94,8 +96,7 @@ class GanStep:
         def closure(need_d=True, need_g=True):
             i = next(calls, None)
             if i is None or self._pattern[i] != (need_d, need_g):  # pragma: no cover - optimiser misuse
-                raise RuntimeError("the game optimiser's closure calls changed between steps; "
-                                   "CUDA-graph replay needs the same calls every step (use graph=False)")
+                raise RuntimeError(_PATTERN_CHANGED)
             z, x = self._buffers[i]
             return self.losses(z, x, need_d, need_g)
         return closure
@@ -109,17 +110,15 @@ class GanStep:
 
     # -- optimiser step counters (TF1RMSprop keeps one per parameter; a replay does not run Python) --
     def _counters(self) -> dict:
-        out = {}
-        for key, o in self.opt.optimizers.items():
-            for p, st in o.state.items():
-                if "step" in st:
-                    out[(key, id(p))] = st["step"]
-        return out
+        """{(inner optimiser, parameter id): step count} of every parameter state that has one."""
+        return {(key, id(p)): st["step"] for key, o in self.opt.optimizers.items()
+                for p, st in o.state.items() if "step" in st}
 
-    def _bump_counters(self) -> None:
+    def _shift_counters(self, delta: dict) -> None:
+        """Add ``delta[(inner optimiser, parameter id)]`` to those step counts."""
         for key, o in self.opt.optimizers.items():
             for p, st in o.state.items():
-                inc = self._step_counts.get((key, id(p)), 0)
+                inc = delta.get((key, id(p)), 0)
                 if inc:
                     st["step"] = st["step"] + inc
 
@@ -152,8 +151,7 @@ class GanStep:
             out = self.opt.step(self._eager_closure(calls))
         pattern = [(need_d, need_g) for need_d, need_g, _, _ in calls]
         if self._pattern is not None and pattern != self._pattern:
-            raise RuntimeError("the game optimiser's closure calls changed between steps; "
-                               "CUDA-graph replay needs the same calls every step (use graph=False)")
+            raise RuntimeError(_PATTERN_CHANGED)
         if self._pattern is None:
             self._pattern = pattern
             self._buffers = [(torch.empty_like(z), None if x is None else torch.empty_like(x))
@@ -168,23 +166,20 @@ class GanStep:
         self._fill()
         if self.graph:
             self._cuda_graph.replay()
-            self._bump_counters()
+            self._shift_counters(self._step_counts)
             return {k: v.clone() for k, v in self._out.items()}
         return self.opt.step(self._static_closure())
 
     def _capture(self) -> None:
-        counters = {key: {p: st.get("step") for p, st in o.state.items()} for key, o in self.opt.optimizers.items()}
+        counters = self._counters()
         with _CAPTURE_LOCK:
             torch.cuda.synchronize()
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, capture_error_mode=self.capture_error_mode):
                 self._out = self.opt.step(self._static_closure())
             torch.cuda.synchronize()
-        # the capture ran the step's Python once without executing it: undo its counter increments
-        for key, o in self.opt.optimizers.items():
-            for p, st in o.state.items():
-                if counters[key].get(p) is not None:
-                    st["step"] = counters[key][p]
+        # the capture ran the step's Python without executing it: undo its counter increments
+        self._shift_counters({k: counters[k] - v for k, v in self._counters().items() if k in counters})
         self._cuda_graph = g
 
 

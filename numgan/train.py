@@ -125,8 +125,8 @@ def fast_conv_impl(method: str) -> str:
 def set_precision(device, tf32: bool) -> None:
     """Apply the TF32 choice (TrainConfig.tf32) to CUDA matrix products and cuDNN convolutions.
 
-    Process-wide torch flags: runs trained together (train_many) must agree, which they do when they
-    come from the same experiment table."""
+    Process-wide torch flags: runs trained together (numgan.step.run_concurrently) must agree, which they
+    do when they come from the same experiment table."""
     if torch.device(device).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
         torch.backends.cudnn.allow_tf32 = bool(tf32)
