@@ -29,26 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import common  # noqa: E402
 from numgan import experiments, metrics  # noqa: E402
-from numgan.data import ImageSampler  # noqa: E402
-from numgan.models import build_models, set_conv_impl  # noqa: E402
-from numgan.optim import make_game_optimizer  # noqa: E402
-from numgan.step import GanStep  # noqa: E402
-from numgan.train import _optimizer_kwargs, fast_conv_impl, set_precision  # noqa: E402
+from numgan.models import build_models  # noqa: E402
+from numgan.train import build_training, set_precision  # noqa: E402
 
 
 def step_seconds(cfg, fast, device, iters, repeat, warmup):
-    torch.manual_seed(0)
-    G, D = build_models(cfg.arch, cfg.image_size, z_dim=cfg.z_dim, f_dim=cfg.f_dim)
-    G, D = G.to(device), D.to(device)
-    if fast:
-        set_conv_impl(G, fast_conv_impl(cfg.method)), set_conv_impl(D, fast_conv_impl(cfg.method))
-    opt = make_game_optimizer(cfg.method, G.parameters(), D.parameters(), lr=cfg.lr, gamma=cfg.gamma,
-                              **_optimizer_kwargs(cfg))
     images = torch.randint(0, 256, (1024, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8)
-    sampler = ImageSampler(images, cfg.batch_size, device=device)
-    zgen = torch.Generator(device=device).manual_seed(0)
-    step = GanStep(G, D, opt, cfg.objective, lambda: torch.randn(cfg.batch_size, cfg.z_dim, generator=zgen, device=device),
-                   sampler, graph=fast)
+    step = build_training(cfg, images, device, fast).step
     for _ in range(warmup):
         step()
 

@@ -21,7 +21,6 @@ with the eager step's after --check-iters iterations from the same start and the
 """
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,12 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import common  # noqa: E402
-from numgan import objectives  # noqa: E402
 from numgan.data import ImageSampler  # noqa: E402
 from numgan.models import build_models, set_conv_impl  # noqa: E402
-from numgan.optim import make_game_optimizer  # noqa: E402
-from numgan.step import GanStep  # noqa: E402
-from numgan.train import fast_conv_impl  # noqa: E402
+from numgan.train import TrainConfig, build_training, set_precision  # noqa: E402
 
 
 def plain_port(G, D, method, sampler, z_dim, batch, lr=1e-4, gamma=10.0):
@@ -79,40 +75,34 @@ def plain_port(G, D, method, sampler, z_dim, batch, lr=1e-4, gamma=10.0):
     return step
 
 
-def numgan_step(G, D, method, sampler, z_dim, batch, impl, graph, seed=0):
-    set_conv_impl(G, impl), set_conv_impl(D, impl)
-    opt = make_game_optimizer(method, G.parameters(), D.parameters(), lr=1e-4, gamma=10.0)
-    dev = next(G.parameters()).device
-    zgen = torch.Generator(device=dev).manual_seed(seed)
-    return GanStep(G, D, opt, "standard", draw_z=lambda: torch.randn(batch, z_dim, generator=zgen, device=dev),
-                   draw_real=sampler, graph=graph)
-
-
-VARIANTS = {  # name -> (conv implementation, CUDA graph); None = the plain port
+VARIANTS = {  # name -> (conv implementation, CUDA graph); None = the plain port; impl None = numgan.train's
     "plain": None, "eager": ("native", False), "graph": ("native", True), "adjoint-graph": ("adjoint", True),
-    "fast": ("gemm", True), "adjoint": ("adjoint", False), "gemm": ("gemm", False),
+    "fast": (None, True), "adjoint": ("adjoint", False), "gemm": ("gemm", False),
 }
 
 
-def build(variant, method, arch, batch, images, device, seed=0):
-    torch.manual_seed(seed)
-    G, D = build_models(arch, images.shape[-1], z_dim=256, f_dim=64, channels=images.shape[1])
-    G, D = G.to(device), D.to(device)
-    sampler = ImageSampler(images, batch, device=device, seed=seed)
+def build(variant, method, arch, batch, images, device, seed=0, tf32=True):
+    """(step, G, D) of a variant; every variant starts from the same initialisation (seed)."""
     if VARIANTS[variant] is None:
-        return plain_port(G, D, method, sampler, 256, batch), G, D
+        torch.manual_seed(seed)
+        G, D = build_models(arch, images.shape[-1], z_dim=256, f_dim=64, channels=images.shape[1])
+        G, D = G.to(device), D.to(device)
+        return plain_port(G, D, method, ImageSampler(images, batch, device=device, seed=seed), 256, batch), G, D
     impl, graph = VARIANTS[variant]
-    if variant == "fast":
-        impl = fast_conv_impl(method)
-    return numgan_step(G, D, method, sampler, 256, batch, impl, graph, seed), G, D
+    cfg = TrainConfig(dataset="synthetic", arch=arch, method=method, batch_size=batch, image_size=images.shape[-1],
+                      seed=seed, tf32=tf32)
+    run = build_training(cfg, images, device, fast=graph)   # numgan.train's own construction
+    if impl is not None:
+        set_conv_impl(run.G, impl), set_conv_impl(run.D, impl)
+    return run.step, run.G, run.D
 
 
-def check(method, arch, batch, images, device, iters):
+def check(method, arch, batch, images, device, iters, tf32=True):
     """||fast - eager|| / ||eager - start|| over all parameters after ``iters`` iterations from the same
     start on the same batches."""
     ends, start = [], None
     for variant in ("eager", "fast"):
-        step, G, D = build(variant, method, arch, batch, images, device)
+        step, G, D = build(variant, method, arch, batch, images, device, tf32=tf32)
         flat = lambda: torch.cat([p.detach().flatten() for p in list(G.parameters()) + list(D.parameters())])  # noqa: E731
         start = flat()
         for _ in range(iters):
@@ -144,18 +134,18 @@ def main():
     ap.add_argument("--record", action="store_true", help="append the table to benchmarks/results/")
     args = ap.parse_args()
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
-    else:
+    tf32_on = args.tf32 == "on"
+    set_precision(device, tf32_on)   # the plain port too (build_training applies it for the numgan variants)
+    if device.type == "cpu":
         torch.set_num_threads(1)
     images = torch.randint(0, 256, (2048, 3, 32, 32), dtype=torch.uint8)
     rows, base = [], {}
     for method in args.methods.split(","):
-        step, G, D = build("eager", method, args.arch, args.batch, images, device)
+        step, G, D = build("eager", method, args.arch, args.batch, images, device, tf32=tf32_on)
         step()
         flops = flops_per_step(step)   # counted on the eager step (the same arithmetic as every variant)
         for variant in args.variants.split(","):
-            step, G, D = build(variant, method, args.arch, args.batch, images, device)
+            step, G, D = build(variant, method, args.arch, args.batch, images, device, tf32=tf32_on)
             for _ in range(args.warmup):
                 step()
 
@@ -173,7 +163,7 @@ def main():
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         if args.check_iters and device.type == "cuda":
-            rows[-1]["check (rel. diff fast vs eager)"] = f"{check(method, args.arch, args.batch, images, device, args.check_iters):.1e}"
+            rows[-1]["check (rel. diff fast vs eager)"] = f"{check(method, args.arch, args.batch, images, device, args.check_iters, tf32_on):.1e}"
     ratio = {m: v.get("fast", float("nan")) / base["simga"].get("fast", float("nan")) for m, v in base.items()} \
         if "simga" in base else {}
     head = common.header(device)

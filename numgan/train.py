@@ -132,6 +132,47 @@ def set_precision(device, tf32: bool) -> None:
         torch.backends.cudnn.allow_tf32 = bool(tf32)
 
 
+@dataclass
+class Training:
+    """What one run trains with (:func:`build_training`)."""
+
+    G: torch.nn.Module
+    D: torch.nn.Module
+    opt: object          # numgan.optim game optimiser
+    sampler: ImageSampler
+    zgen: torch.Generator
+    step: GanStep        # one iteration on fresh minibatches
+
+
+def build_training(cfg: TrainConfig, images: torch.Tensor, device, fast: Optional[bool] = None,
+                   capture_error_mode: str = "global") -> Training:
+    """The players (seeded initialisation), game optimiser, minibatch sampler, latent generator and step of
+    one run, exactly as :func:`train` trains it (the benchmarks time this too). ``fast`` as in :func:`train`;
+    applies ``cfg.tf32`` (:func:`set_precision`)."""
+    device = torch.device(device)
+    with _INIT_LOCK:   # the initialisation draws from torch's global generator: one run at a time
+        torch.manual_seed(cfg.seed)
+        G, D = build_models(cfg.arch, image_size=cfg.image_size, z_dim=cfg.z_dim, f_dim=cfg.f_dim,
+                            channels=images.shape[1])
+    G, D = G.to(device), D.to(device)
+    fast = device.type == "cuda" if fast is None else bool(fast)
+    set_precision(device, cfg.tf32)
+    if fast:
+        from .models import set_conv_impl
+
+        set_conv_impl(G, fast_conv_impl(cfg.method)), set_conv_impl(D, fast_conv_impl(cfg.method))
+    opt = make_game_optimizer(cfg.method, G.parameters(), D.parameters(), lr=cfg.lr, gamma=cfg.gamma,
+                              **_optimizer_kwargs(cfg))
+    sampler = ImageSampler(images, cfg.batch_size, device=device, seed=cfg.seed)
+    zgen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    # one iteration on fresh minibatches: a latent batch per closure call, a real batch per call that
+    # needs L_D (numgan.step; eager, or replayed from a CUDA graph when fast on CUDA)
+    step = GanStep(G, D, opt, cfg.objective,
+                   draw_z=lambda: torch.randn(cfg.batch_size, cfg.z_dim, generator=zgen, device=device),
+                   draw_real=sampler, graph=fast, capture_error_mode=capture_error_mode)
+    return Training(G, D, opt, sampler, zgen, step)
+
+
 def train(cfg: TrainConfig, run_dir=None, device="cpu", images: Optional[torch.Tensor] = None,
           evaluator=None, progress: bool = False, data_root=None, max_iters: Optional[int] = None,
           fast: Optional[bool] = None, capture_error_mode: str = "global") -> dict:
@@ -163,21 +204,8 @@ def train(cfg: TrainConfig, run_dir=None, device="cpu", images: Optional[torch.T
         images = load_images(cfg.dataset, data_root, image_size=cfg.image_size, crop=cfg.crop, limit=cfg.data_limit)
     if images.shape[-1] != cfg.image_size:
         raise ValueError(f"images are {tuple(images.shape[-2:])}, config says image_size={cfg.image_size}")
-    with _INIT_LOCK:   # the initialisation draws from torch's global generator: one run at a time
-        torch.manual_seed(cfg.seed)
-        G, D = build_models(cfg.arch, image_size=cfg.image_size, z_dim=cfg.z_dim, f_dim=cfg.f_dim,
-                            channels=images.shape[1])
-    G, D = G.to(device), D.to(device)
-    fast = device.type == "cuda" if fast is None else bool(fast)
-    set_precision(device, cfg.tf32)
-    if fast:
-        from .models import set_conv_impl
-
-        set_conv_impl(G, fast_conv_impl(cfg.method)), set_conv_impl(D, fast_conv_impl(cfg.method))
-    opt = make_game_optimizer(cfg.method, G.parameters(), D.parameters(), lr=cfg.lr, gamma=cfg.gamma,
-                              **_optimizer_kwargs(cfg))
-    sampler = ImageSampler(images, cfg.batch_size, device=device, seed=cfg.seed)
-    zgen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    run = build_training(cfg, images, device, fast, capture_error_mode)
+    G, D, opt, sampler, zgen, step = run.G, run.D, run.opt, run.sampler, run.zgen, run.step
     z_test = torch.randn(64, cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed + 2)).to(device)
     sample_gen = torch.Generator(device=device).manual_seed(cfg.seed + 3)
     if evaluator is None and (cfg.inception or cfg.fid):
@@ -206,12 +234,6 @@ def train(cfg: TrainConfig, run_dir=None, device="cpu", images: Optional[torch.T
         hist, start, seconds = state["hist"], state["iter"], state["seconds"]
         status, diverged_at = state.get("status", "ok"), state.get("diverged_at", -1)
         status = "ok" if status == "partial" else status   # a stopped run goes on; a diverged one stays
-
-    # one iteration on fresh minibatches: a latent batch per closure call, a real batch per call that
-    # needs L_D (numgan.step; eager, or replayed from a CUDA graph when fast on CUDA)
-    step = GanStep(G, D, opt, cfg.objective,
-                   draw_z=lambda: torch.randn(cfg.batch_size, cfg.z_dim, generator=zgen, device=device),
-                   draw_real=sampler, graph=fast, capture_error_mode=capture_error_mode)
 
     def sample_fn(n):
         z = torch.randn(n, cfg.z_dim, generator=sample_gen, device=device)
