@@ -43,17 +43,23 @@ def main():
     def sample_fn(n):
         return G(torch.randn(n, 256, generator=gen, device=device))
 
+    def tf32_model(x):
+        # what TF32 convolutions would give: the extractor without InceptionFeatures' strict-float32 guard
+        pool, logits = model.extractor(x.to(device))
+        return {"pool": pool, "logits_unbiased": logits}
+
     rows = []
-    for precision in ("fp32", "tf32"):
-        for bs in map(int, args.batch_sizes.split(",")):
+    # the CPU has no TF32 and times one batch size only
+    precisions = {"fp32": model, "tf32": tf32_model} if device.type == "cuda" else {"fp32": model}
+    batch_sizes = list(map(int, args.batch_sizes.split(",")))
+    if device.type == "cpu":
+        batch_sizes = batch_sizes[:1]
+    tf32_before = torch.backends.cudnn.allow_tf32
+    for precision, net in precisions.items():
+        torch.backends.cudnn.allow_tf32 = precision == "tf32" or tf32_before
+        for bs in batch_sizes:
             ev = metrics.Evaluator(inception=True, fid=False, n_samples=args.n_samples, batch_size=bs,
-                                   device=device, model=model)
-            if precision == "tf32":
-                # what TF32 convolutions would give: bypass the strict-float32 guard of InceptionFeatures
-                ev = metrics.Evaluator(inception=True, fid=False, n_samples=args.n_samples, batch_size=bs,
-                                       device=device, model=lambda x: dict(zip(("pool", "logits_unbiased"),
-                                                                               model.extractor(x.to(device)))))
-                torch.backends.cudnn.allow_tf32 = True
+                                   device=device, model=net)
             out = {}
 
             def run():
@@ -64,10 +70,7 @@ def main():
             rows.append({"inception convs": precision, "inference batch": bs, "samples": args.n_samples,
                          "seconds": f"{sec:.2f}", "images/s": f"{args.n_samples / sec:.0f}",
                          "IS (random weights)": f"{out['is_mean']:.3f}"})
-            if device.type == "cpu":
-                break
-        if device.type == "cpu":
-            break
+    torch.backends.cudnn.allow_tf32 = tf32_before
     text = (f"## Inception Score of {args.n_samples} samples (dcgan4_nobn generator)\n\n"
             f"{common.format_header(common.header(device))}\n\n{common.markdown_table(rows)}\n")
     common.report("inception", device, text, args.record)
