@@ -188,10 +188,9 @@ def train(cfg: TrainConfig, run_dir=None, device="cpu", images: Optional[torch.T
         max_iters: stop after this iteration (checkpointing first) even if ``cfg.n_iters`` is larger:
             for splitting a long run over several time-limited jobs. The result is then marked
             ``status = "partial"``.
-        fast: the issue-4 fast path, default on for CUDA: strided convolutions as im2col + matrix
-            products (numgan.conv via numgan.models.set_conv_impl; fastest of the three forms on an
-            H100, benchmarks/results/step-cuda.md) and the whole step replayed from a CUDA graph
-            (numgan.step).
+        fast: the issue-4 fast path, default on for CUDA: the whole step replayed from a CUDA graph
+            (numgan.step) and, for ConOpt and smoothing, strided convolutions as im2col + matrix products
+            (:func:`fast_conv_impl`; benchmarks/results/step-cuda.md).
             It computes the same function as the eager step (tests/test_step.py), so it is not part of
             the run's cache key; ``fast=False`` is the plain eager reference.
     Returns keys: ``eval_iters``, ``grids`` (uint8 [K, 64, C, H, W]), ``is_mean``, ``is_std``, ``fid``,
