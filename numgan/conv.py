@@ -26,13 +26,34 @@ derivatives run the three cuDNN algorithms and nothing else. Padding and croppin
 values and ConOpt's second derivatives against torch's native convolution in float64.
 
 ``conv2d_gemm`` / ``conv_transpose2d_gemm`` are a second formulation (im2col + one matrix product),
-whose derivatives are matrix products, strided views and col2im. On an H100 the GEMM form gave the
-faster ConOpt step (cuDNN's strided dgrad kernels and its NCHW/NHWC conversions cost more than the
-im2col copies), so numgan.train uses it; benchmarks/bench_step.py times both.
+whose derivatives are matrix products, im2col and col2im. ``Im2Col`` / ``Col2Im`` are a pair of mutually
+adjoint autograd Functions (each one's vector-Jacobian product is the other), so ConOpt's second derivatives
+stay on them too. On CUDA both are Triton kernels: col2im in gather form (each output element sums its
+<= ceil(k/s)^2 column entries: no atomics, deterministic) with the bias add and the SAME crop fused, reading
+the GEMM's channels-innermost columns and writing channels-last memory, so that the next GEMM reads its rows
+without a copy. On the CPU, or where Triton cannot be imported, the same functions run as strided views and
+``torch.ops.aten.unfold_backward``; tests/test_conv_col2im.py checks the two paths against each other under
+Triton's interpreter. On an H100 the GEMM form gave the faster ConOpt step (cuDNN's strided dgrad kernels and
+its NCHW/NHWC conversions cost more than the im2col copies), so numgan.train uses it; benchmarks/bench_step.py
+times both, benchmarks/bench_col2im.py the col2im kernels.
 """
+import contextlib
+import os
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+try:  # Triton ships with torch's Linux CUDA wheels; elsewhere (or if it fails to load) the torch path runs
+    import triton
+    import triton.language as tl
+except Exception:  # noqa: BLE001 - any import failure means "no Triton", never a crash at import
+    triton = tl = None
+
+# TRITON_INTERPRET=1 (read by triton.jit when the kernels below are decorated) runs them on CPU tensors too
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+use_triton = True   # set False to force the pure-torch im2col / col2im (e.g. to compare)
 
 
 def _conv(x: Tensor, w: Tensor, stride: int) -> Tensor:
@@ -125,36 +146,337 @@ def conv_transpose2d_adjoint(x: Tensor, weight: Tensor, bias, stride: int, paddi
     return y if bias is None else y + bias.view(1, -1, 1, 1)
 
 
-def conv2d_gemm(x: Tensor, weight: Tensor, bias, stride: int) -> Tensor:
-    """F.conv2d(x, weight, bias, stride) (no padding) as im2col and one 2-D matrix product.
+# ---------------------------------------------------------------------------------------------
+# im2col / col2im
+# ---------------------------------------------------------------------------------------------
+#
+# A column tensor is 2-D, [B Ho Wo, k k C]: one row per output position (b, i, j) holding the k x k x C patch
+# of the zero-padded image, x_pad[b, c, i s + p, j s + q]. Within a row the default layout "pqc" puts the
+# channel innermost (index (p k + q) C + c): with channels-last activations, which the GEMM forms produce, the
+# kernels below then read and write runs of consecutive channels, at the price of one permuted copy of the
+# weight per forward ([O, C, k, k] -> [O, k, k, C]). The layout "cpq" (index (c k + p) k + q) is the one the
+# weight has, so no weight copy, but the kernels access channels k^2 elements apart. COLS_LAYOUT picks the
+# layout the two GEMM convolutions use (benchmarks/bench_col2im.py times both). Images are NCHW tensors of
+# any strides; col2im through Triton returns an NCHW view of channels-last memory, so that the next GEMM's
+# rows ([B H W, C]) are a free view.
 
-    im2col is a strided view (``Tensor.unfold``) copied once into [B Ho Wo, k k C] rows (channels
-    innermost); ``F.unfold`` is avoided because its CUDA kernel is launched once per image. Every
-    derivative is a matrix product, a strided view or ``unfold_backward`` (col2im). The output is an
-    NCHW view of channels-last memory.
+COLS_LAYOUT = "pqc"
+_LAYOUTS = ("pqc", "cpq")
+
+
+class _Geom(NamedTuple):
+    k: int       # kernel size
+    s: int       # stride
+    h: int       # image height (unpadded)
+    w: int       # image width
+    ho: int      # patch rows
+    wo: int      # patch columns
+    top: int     # zero rows before the image (im2col) = rows cropped at the top (col2im)
+    left: int    # zero columns before the image
+    layout: str  # "pqc" or "cpq"
+
+
+def _geometry(size, kernel_size: int, stride: int, padding, layout: str = "pqc") -> _Geom:
+    k, s = int(kernel_size), int(stride)
+    if k < 1 or s < 1:
+        raise ValueError(f"kernel_size and stride must be >= 1, got {kernel_size} and {stride}")
+    if len(padding) != 4 or min(padding) < 0:
+        raise ValueError(f"padding must be 4 non-negative ints (top, bottom, left, right), got {padding}")
+    if layout not in _LAYOUTS:
+        raise ValueError(f"unknown column layout {layout!r}; choose one of {_LAYOUTS}")
+    top, bottom, left, right = (int(v) for v in padding)
+    h, w = int(size[0]), int(size[1])
+    ho, wo = (h + top + bottom - k) // s + 1, (w + left + right - k) // s + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(f"a {k}x{k} kernel does not fit in a {h}x{w} image padded by {tuple(padding)}")
+    return _Geom(k, s, h, w, ho, wo, top, left, layout)
+
+
+def _im2col_torch(x: Tensor, g: _Geom) -> Tensor:
+    """im2col as a strided view (``Tensor.unfold``) of the zero-padded image, copied once."""
+    b, c = x.shape[:2]
+    hf, wf = (g.ho - 1) * g.s + g.k, (g.wo - 1) * g.s + g.k            # the padded extent the patches cover
+    pads = (g.left, wf - g.left - g.w, g.top, hf - g.top - g.h)          # negative = crop unused rows
+    if any(pads):
+        x = F.pad(x, pads)
+    patches = x.unfold(2, g.k, g.s).unfold(3, g.k, g.s)                 # [B, C, Ho, Wo, k, k] (a view)
+    if g.layout == "pqc":
+        cols = x.new_empty(b, g.ho, g.wo, g.k, g.k, c)
+        cols.copy_(patches.permute(0, 2, 3, 4, 5, 1))
+    else:
+        cols = x.new_empty(b, g.ho, g.wo, c, g.k, g.k)
+        cols.copy_(patches.permute(0, 2, 3, 1, 4, 5))
+    return cols.view(b * g.ho * g.wo, g.k * g.k * c)
+
+
+def _col2im_torch(cols: Tensor, bias, g: _Geom) -> Tensor:
+    """col2im as ``unfold_backward`` per spatial axis, then crop (or zero-pad) to the image, plus bias."""
+    b, c = cols.shape[0] // (g.ho * g.wo), cols.shape[1] // (g.k * g.k)
+    hf, wf = (g.ho - 1) * g.s + g.k, (g.wo - 1) * g.s + g.k
+    if g.layout == "pqc":
+        v = cols.reshape(b, g.ho, g.wo, g.k, g.k, c).permute(0, 5, 1, 2, 3, 4)   # [B, C, Ho, Wo, k, k]
+    else:
+        v = cols.reshape(b, g.ho, g.wo, c, g.k, g.k).permute(0, 3, 1, 2, 4, 5)
+    y = torch.ops.aten.unfold_backward(v, [b, c, g.ho, wf, g.k], 3, g.k, g.s)
+    y = torch.ops.aten.unfold_backward(y, [b, c, hf, wf], 2, g.k, g.s)
+    pads = (-g.left, g.w + g.left - wf, -g.top, g.h + g.top - hf)     # the adjoint of _im2col_torch's pad
+    if any(pads):
+        y = F.pad(y, pads)
+    return y if bias is None else y + bias.view(1, -1, 1, 1)
+
+
+if triton is not None:
+    @triton.jit
+    def _col2im_kernel(cols, bias, out, n_pos, C, H, W, Ho, Wo, top, left,
+                       s_b, s_i, s_j, s_p, s_q, s_c, o_b, o_c, o_h, o_w,
+                       K: tl.constexpr, S: tl.constexpr, KT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        # Gather form: output element (b, c, h, w) sums the <= KT^2 column entries (b, i, j, p, q, c) with
+        # i s + p = h + top, j s + q = w + left (strides s_* of the columns as a 6-D tensor). No atomics; the
+        # summation order is fixed. A program: BLOCK_P positions (b, h, w) x BLOCK_C channels.
+        pos = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        pmask = pos < n_pos
+        cmask = c < C
+        w = pos % W
+        t = pos // W
+        h = t % H
+        b = t // H
+        hf = h + top
+        wf = w + left
+        c_off = (c * s_c)[None, :]
+        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+        for th in tl.static_range(KT):
+            i = hf // S - th
+            p = hf - i * S
+            ok_h = pmask & (i >= 0) & (i < Ho) & (p < K)
+            base_h = b * s_b + i * s_i + p * s_p
+            for tw in tl.static_range(KT):
+                j = wf // S - tw
+                q = wf - j * S
+                ok = ok_h & (j >= 0) & (j < Wo) & (q < K)
+                off = base_h + j * s_j + q * s_q
+                v = tl.load(cols + off[:, None] + c_off, mask=ok[:, None] & cmask[None, :], other=0.0)
+                acc += v.to(ACC)
+        if HAS_BIAS:
+            acc += tl.load(bias + c, mask=cmask, other=0.0).to(ACC)[None, :]
+        o_off = (b * o_b + h * o_h + w * o_w)[:, None] + (c * o_c)[None, :]
+        tl.store(out + o_off, acc.to(out.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
+
+    @triton.jit
+    def _im2col_kernel(x, cols, n_rows, n_cols, C, H, W, Ho, Wo, top, left, x_b, x_c, x_h, x_w,
+                       K: tl.constexpr, S: tl.constexpr, CPQ: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):
+        # A [BLOCK_R rows (b, i, j)] x [BLOCK_J columns] tile of the contiguous column matrix; the source
+        # address and the bounds split into a row part and a column part. Zeros outside the image.
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        jj = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+        rmask = r < n_rows
+        jmask = jj < n_cols
+        j = r % Wo
+        t = r // Wo
+        i = t % Ho
+        b = t // Ho
+        h0 = i * S - top
+        w0 = j * S - left
+        if CPQ:
+            q = jj % K
+            cp = jj // K
+            p = cp % K
+            c = cp // K
+        else:
+            c = jj % C
+            pq = jj // C
+            p = pq // K
+            q = pq - p * K
+        h = h0[:, None] + p[None, :]
+        w = w0[:, None] + q[None, :]
+        ok = (rmask[:, None] & jmask[None, :]) & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        src = (b * x_b + h0 * x_h + w0 * x_w)[:, None] + (c * x_c + p * x_h + q * x_w)[None, :]
+        v = tl.load(x + src, mask=ok, other=0.0)
+        tl.store(cols + (r * n_cols)[:, None] + jj[None, :], v, mask=rmask[:, None] & jmask[None, :])
+
+
+# Tile sizes (not tuned per shape: one compiled kernel per (k, s, dtype, block sizes)). A program handles about
+# _TILE elements: BLOCK_C <= _MAX_BLOCK_C channels (col2im), BLOCK_J <= _MAX_BLOCK_J columns (im2col).
+_TILE = 2048
+_MAX_BLOCK_C = 64
+_MAX_BLOCK_J = 128
+_INT32_MAX = 2 ** 31 - 1
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _max_offset(t: Tensor) -> int:
+    return sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 0)
+
+
+def triton_available() -> bool:
+    """Whether Triton could be imported (its kernels then run on CUDA tensors, or on any under TRITON_INTERPRET=1)."""
+    return triton is not None
+
+
+def _use_triton(t: Tensor, n_out: int) -> bool:
+    if triton is None or not use_triton or t.dtype not in _TRITON_DTYPES:
+        return False
+    if not (t.is_cuda or (_INTERPRET and t.device.type == "cpu")):
+        return False
+    return _max_offset(t) <= _INT32_MAX and n_out <= _INT32_MAX   # the kernels index with int32
+
+
+def _device_guard(t: Tensor):
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def _im2col_triton(x: Tensor, g: _Geom) -> Tensor:
+    b, c = x.shape[:2]
+    n_cols = g.k * g.k * c
+    cols = torch.empty(b * g.ho * g.wo, n_cols, device=x.device, dtype=x.dtype)
+    if cols.numel() == 0:
+        return cols
+    bj = min(_MAX_BLOCK_J, triton.next_power_of_2(n_cols))
+    while bj > 16 and triton.cdiv(n_cols, bj) * bj > 1.25 * n_cols:   # little padding waste: 75 columns -> 3 x 32
+        bj //= 2
+    br = max(_TILE // bj, 16)
+    grid = (triton.cdiv(cols.shape[0], br), triton.cdiv(n_cols, bj))
+    with _device_guard(x):
+        _im2col_kernel[grid](x, cols, cols.shape[0], n_cols, c, g.h, g.w, g.ho, g.wo, g.top, g.left, *x.stride(),
+                             K=g.k, S=g.s, CPQ=g.layout == "cpq", BLOCK_R=br, BLOCK_J=bj)
+    return cols
+
+
+def _col2im_triton(cols: Tensor, bias, g: _Geom) -> Tensor:
+    b, c = cols.shape[0] // (g.ho * g.wo), cols.shape[1] // (g.k * g.k)
+    out = torch.empty((b, c, g.h, g.w), device=cols.device, dtype=cols.dtype, memory_format=torch.channels_last)
+    if out.numel() == 0:
+        return out
+    r0, r1 = cols.stride()
+    if g.layout == "pqc":   # strides of the columns as a 6-D [B, Ho, Wo, k, k, C] tensor
+        strides = (g.ho * g.wo * r0, g.wo * r0, r0, g.k * c * r1, c * r1, r1)
+    else:
+        strides = (g.ho * g.wo * r0, g.wo * r0, r0, g.k * r1, r1, g.k * g.k * r1)
+    acc = tl.float64 if cols.dtype == torch.float64 else tl.float32
+    bc = min(_MAX_BLOCK_C, triton.next_power_of_2(c))
+    bp = max(_TILE // bc, 16)
+    n_pos = b * g.h * g.w
+    grid = (triton.cdiv(n_pos, bp), triton.cdiv(c, bc))
+    with _device_guard(cols):
+        _col2im_kernel[grid](cols, cols if bias is None else bias, out, n_pos, c, g.h, g.w, g.ho, g.wo, g.top,
+                             g.left, *strides, *out.stride(), K=g.k, S=g.s, KT=-(-g.k // g.s),
+                             HAS_BIAS=bias is not None, ACC=acc, BLOCK_P=bp, BLOCK_C=bc)
+    return out
+
+
+def _im2col(x: Tensor, g: _Geom) -> Tensor:
+    n_out = x.shape[0] * g.ho * g.wo * g.k * g.k * x.shape[1]
+    return _im2col_triton(x, g) if _use_triton(x, n_out) else _im2col_torch(x, g)
+
+
+def _col2im(cols: Tensor, bias, g: _Geom) -> Tensor:
+    n_out = cols.shape[0] // (g.ho * g.wo) * (cols.shape[1] // (g.k * g.k)) * g.h * g.w
+    ok = _use_triton(cols, n_out) and (bias is None or (bias.device == cols.device and bias.dtype == cols.dtype))
+    return _col2im_triton(cols, bias, g) if ok else _col2im_torch(cols, bias, g)
+
+
+class Im2Col(torch.autograd.Function):
+    """cols = im2col(x): [B, C, H, W] -> [B Ho Wo, k k C], zero padding included. Linear; its vector-Jacobian
+    product is :class:`Col2Im` (and Col2Im's is Im2Col), so derivatives of every order stay on these two."""
+
+    @staticmethod
+    def forward(ctx, x, geom):
+        ctx.geom = geom
+        return _im2col(x, geom)
+
+    @staticmethod
+    def backward(ctx, gc):
+        return Col2Im.apply(gc, None, ctx.geom), None
+
+
+class Col2Im(torch.autograd.Function):
+    """y = col2im(cols) + bias: the adjoint of :class:`Im2Col` (each image element sums the column entries that
+    copy it), with a per-channel bias added in the same pass."""
+
+    @staticmethod
+    def forward(ctx, cols, bias, geom):
+        ctx.geom = geom
+        return _col2im(cols, bias, geom)
+
+    @staticmethod
+    def backward(ctx, gy):
+        gc = Im2Col.apply(gy, ctx.geom) if ctx.needs_input_grad[0] else None
+        gb = gy.sum((0, 2, 3)) if ctx.needs_input_grad[1] else None
+        return gc, gb, None
+
+
+def im2col(x: Tensor, kernel_size: int, stride: int, padding=(0, 0, 0, 0), layout: str = "pqc") -> Tensor:
+    """The patches of ``x`` [B, C, H, W] zero-padded by ``padding`` = (top, bottom, left, right), as a
+    [B Ho Wo, k k C] matrix: row (b, i, j) holds x_pad[b, c, i s + p, j s + q] at column (p k + q) C + c
+    (``layout="pqc"``, channel innermost) or (c k + p) k + q (``"cpq"``).
+
+    Differentiable to any order (:class:`Im2Col`); a Triton kernel on CUDA, a strided copy elsewhere.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"im2col expects an image batch [B, C, H, W], got shape {list(x.shape)}")
+    return Im2Col.apply(x, _geometry(x.shape[-2:], kernel_size, stride, padding, layout))
+
+
+def col2im(cols: Tensor, size, kernel_size: int, stride: int, padding=(0, 0, 0, 0), bias=None,
+           layout: str = "pqc") -> Tensor:
+    """The adjoint of :func:`im2col` for an image of spatial ``size`` (H, W) with the same ``padding`` and
+    ``layout``: each image element sums the column entries that hold it (entries in the padding are dropped),
+    plus ``bias`` [C] per channel. ``cols``: [B Ho Wo, k k C]. Returns [B, C, H, W] (through Triton an NCHW
+    view of channels-last memory).
+
+    Differentiable to any order (:class:`Col2Im`); on CUDA one deterministic Triton kernel (gather form, bias
+    fused), elsewhere ``unfold_backward`` per spatial axis.
+    """
+    g = _geometry(size, kernel_size, stride, padding, layout)
+    if cols.dim() != 2 or cols.shape[1] % (g.k * g.k) or cols.shape[0] % (g.ho * g.wo):
+        raise ValueError(f"col2im expects columns [B*{g.ho}*{g.wo}, C*{g.k * g.k}] for a {g.h}x{g.w} image "
+                         f"(kernel {g.k}, stride {g.s}, padding {tuple(padding)}), got shape {list(cols.shape)}")
+    if bias is not None and tuple(bias.shape) != (cols.shape[1] // (g.k * g.k),):
+        raise ValueError(f"bias must have shape [{cols.shape[1] // (g.k * g.k)}], got {list(bias.shape)}")
+    return Col2Im.apply(cols, bias, g)
+
+
+def _weight_matrix(weight: Tensor, layout: str) -> Tensor:
+    """[A, B, k, k] -> [A, k k B] in the column layout (a copy for "pqc", a view for "cpq")."""
+    if layout == "pqc":
+        return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+    return weight.reshape(weight.shape[0], -1)
+
+
+def conv2d_gemm(x: Tensor, weight: Tensor, bias, stride: int, padding=(0, 0, 0, 0)) -> Tensor:
+    """F.conv2d(F.pad(x, (left, right, top, bottom)), weight, bias, stride) as im2col and one 2-D matrix product.
+
+    ``padding`` = (top, bottom, left, right) zeros are read inside im2col (no padded copy of ``x``). im2col
+    (:func:`im2col`, layout ``COLS_LAYOUT``) writes [B Ho Wo, k k C] rows; ``F.unfold`` is avoided because its
+    CUDA kernel is launched once per image. The bias is added in the GEMM (``addmm``). Every derivative is a
+    matrix product, im2col or col2im. The output is an NCHW view of channels-last memory.
     """
     b = x.shape[0]
     c_out, _, k, _ = weight.shape
-    patches = x.unfold(2, k, stride).unfold(3, k, stride)            # [B, C, Ho, Wo, k, k] (a view)
-    ho, wo = patches.shape[2], patches.shape[3]
-    cols = patches.permute(0, 2, 3, 4, 5, 1).reshape(b * ho * wo, -1)   # [B Ho Wo, k k C] (one copy)
-    y = cols @ weight.permute(0, 2, 3, 1).reshape(c_out, -1).t()          # [B Ho Wo, O]
-    if bias is not None:
-        y = y + bias
-    return y.view(b, ho, wo, c_out).permute(0, 3, 1, 2)
+    g = _geometry(x.shape[-2:], k, stride, padding, COLS_LAYOUT)
+    cols = Im2Col.apply(x, g)                                             # [B Ho Wo, k k C]
+    wm = _weight_matrix(weight, g.layout)                                 # [O, k k C]
+    y = cols @ wm.t() if bias is None else torch.addmm(bias, cols, wm.t())   # [B Ho Wo, O]
+    return y.view(b, g.ho, g.wo, c_out).permute(0, 3, 1, 2)
 
 
-def conv_transpose2d_gemm(x: Tensor, weight: Tensor, bias, stride: int, padding: int) -> Tensor:
-    """F.conv_transpose2d(x, weight, bias, stride, padding) as one 2-D matrix product and col2im
-    (``unfold_backward`` per spatial axis, the adjoint of the strided im2col view)."""
+def conv_transpose2d_gemm(x: Tensor, weight: Tensor, bias, stride: int, padding: int,
+                          crop_after: int = 0) -> Tensor:
+    """F.conv_transpose2d(x, weight, bias, stride, padding) as one 2-D matrix product and col2im.
+
+    The full output ((H - 1) s + k) is cropped by ``padding`` on each side and by ``crop_after`` more at the
+    end (bottom, right) inside col2im, which also adds the bias (:func:`col2im`: on CUDA one Triton kernel
+    writing channels-last memory). The rows [B H W, C_in] are a free view of channels-last input.
+    """
     b, c_in, h, w = x.shape
     _, c_out, k, _ = weight.shape
+    hf, wf = (h - 1) * stride + k, (w - 1) * stride + k                  # the uncropped output
+    size = (hf - 2 * padding - crop_after, wf - 2 * padding - crop_after)
+    g = _geometry(size, k, stride, (padding, padding + crop_after, padding, padding + crop_after), COLS_LAYOUT)
     rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c_in)                # free for channels-last input
-    cols = rows @ weight.reshape(c_in, c_out * k * k)                    # [B H W, O k k]
-    cols = cols.view(b, h, w, c_out, k, k).permute(0, 3, 1, 2, 4, 5)     # [B, O, H, W, k, k] (a view)
-    hf, wf = (h - 1) * stride + k, (w - 1) * stride + k                 # the uncropped output
-    y = torch.ops.aten.unfold_backward(cols, [b, c_out, h, wf, k], 3, k, stride)
-    y = torch.ops.aten.unfold_backward(y, [b, c_out, hf, wf], 2, k, stride)
-    if padding:
-        y = y[:, :, padding:hf - padding, padding:wf - padding]
-    return y if bias is None else y + bias.view(1, -1, 1, 1)
+    cols = rows @ _weight_matrix(weight, g.layout)                        # [B H W, k k O]
+    return Col2Im.apply(cols, bias, g)

@@ -106,12 +106,12 @@ class SameConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         top, bottom = tf_same_padding(x.shape[-2], self.same_kernel, self.same_stride)
         left, right = tf_same_padding(x.shape[-1], self.same_kernel, self.same_stride)
+        if self.impl == "gemm":  # im2col reads the zero padding itself
+            return conv.conv2d_gemm(x, self.weight, self.bias, self.same_stride, (top, bottom, left, right))
         if top or bottom or left or right:
             x = F.pad(x, (left, right, top, bottom))
         if self.impl == "adjoint":
             return conv.conv2d_adjoint(x, self.weight, self.bias, self.same_stride)
-        if self.impl == "gemm":
-            return conv.conv2d_gemm(x, self.weight, self.bias, self.same_stride)
         return super().forward(x)
 
 
@@ -136,10 +136,11 @@ class SameConvTranspose2d(nn.ConvTranspose2d):
         self.impl = "native"   # or "adjoint" / "gemm": see set_conv_impl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.impl == "gemm":  # col2im crops (both ends) and adds the bias itself
+            return conv.conv_transpose2d_gemm(x, self.weight, self.bias, self.stride[0], self.padding[0],
+                                              crop_after=self.crop_after)
         if self.impl == "adjoint":
             y = conv.conv_transpose2d_adjoint(x, self.weight, self.bias, self.stride[0], self.padding[0])
-        elif self.impl == "gemm":
-            y = conv.conv_transpose2d_gemm(x, self.weight, self.bias, self.stride[0], self.padding[0])
         else:
             y = super().forward(x)
         if self.crop_after:
