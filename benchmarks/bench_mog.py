@@ -1,10 +1,15 @@
-"""MoG game step throughput, autograd vs fused engine (issue 4, target 2).
+"""MoG game step throughput: autograd vs the fused engine's two backends (issue 4, target 2).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_mog.py                 # CPU: S in {1, 8}
     OMP_NUM_THREADS=1 python benchmarks/bench_mog.py --full-run      # + one 20k-step ConOpt run via mog.train
     python benchmarks/bench_mog.py --device cuda                     # + CUDA-graph variants (k steps/graph)
+    python benchmarks/bench_mog.py --device cuda --train-check 64    # + fused vs triton-tf32 mog.train, 64 seeds
 
 Prints seed-steps/s (S seeds x steps per second) of one optimiser step including the minibatch draw.
+On CUDA the graph rows cover backend "torch" (numgan.mog_fused's batched products, float32) and
+"triton" (numgan.mog_triton, one row per --triton-precisions entry, "precision[:tile[:warps[:split]]]");
+the "rel. error" column is the
+ConOpt direction's ||d - d64|| / ||d64|| on one minibatch against the float64 torch backend.
 """
 import argparse
 import sys
@@ -44,6 +49,27 @@ def eager_step_fn(engine, method, S, device):
     return step
 
 
+def triton_options(spec):
+    """"precision[:tile[:num_warps[:split]]]" -> numgan.mog_triton.direction options (omitted: its defaults)."""
+    parts = spec.split(":")
+    opts = dict(precision=parts[0])
+    for key, val in zip(("tile", "num_warps", "split"), parts[1:]):
+        opts[key] = int(val)
+    return opts
+
+
+def direction_error(S, device, backend, opts):
+    """||d - d64|| / ||d64|| of the ConOpt direction on one minibatch (d64: float64 torch backend)."""
+    G, D = mog.make_models(S, 0, device)
+    x = mog_fused.pack(G, D)
+    gen = torch.Generator(device=device).manual_seed(0)
+    xr = mog.sample_real(S, B, generator=gen, device=device)
+    z = torch.randn(S, B, mog.Z_DIM, generator=gen, device=device)
+    ref = mog_fused.conopt_direction(x.double(), xr.double(), z.double(), 10.0)
+    d, _ = mog_fused.FusedMoG(x, "conopt", backend=backend, triton_options=opts).direction(xr, z)
+    return float((d.double() - ref).norm() / ref.norm())
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -53,6 +79,11 @@ def main():
     ap.add_argument("--methods", nargs="*", default=["conopt", "simga"])
     ap.add_argument("--engines", nargs="*", default=["autograd", "fused"])
     ap.add_argument("--graph-k", type=int, nargs="*", default=[1, 10, 50], help="steps per CUDA graph")
+    ap.add_argument("--triton-precisions", nargs="*", default=["ieee", "tf32:32:4:16"],
+                    help="numgan.mog_triton configurations to time on CUDA: precision[:tile[:warps[:split]]], "
+                         "precision one of tf32, ieee, tf32x3")
+    ap.add_argument("--train-check", type=int, default=0, metavar="S",
+                    help="CUDA: train S seeds 20k ConOpt steps with engines fused and triton-tf32, compare modes")
     ap.add_argument("--full-run", action="store_true", help="time one single-seed 20k-step ConOpt mog.train run")
     ap.add_argument("--include-eager-full", action="store_true", help="also the autograd full run (~3 min)")
     ap.add_argument("--record", "--out", dest="record", action="store_true",
@@ -71,18 +102,37 @@ def main():
                                  seed_steps_per_s=S / t))
                 print(rows[-1], flush=True)
             if device.type == "cuda":
-                for k in args.graph_k:
-                    G, D = mog.make_models(S, 0, device)
-                    eng = mog_fused.FusedMoG(mog_fused.pack(G, D), method)
-                    gs = eng.make_graphed_steps(k, batch_size=B, sample=True)
-                    reps = max(1, 200 // k)
-                    t = timeit(lambda: [gs.replay() for _ in range(reps)], warmup=1, repeat=args.repeat,
-                               device=device) / (reps * k)
-                    rows.append(dict(method=method, engine="fused", variant=f"cuda graph k={k}", S=S,
-                                     ms_per_step=t * 1e3, seed_steps_per_s=S / t))
-                    print(rows[-1], flush=True)
+                backends = [("torch", None)] + [("triton", p) for p in args.triton_precisions]
+                for backend, prec in backends:
+                    opts = None if prec is None else triton_options(prec)
+                    err = direction_error(S, device, backend, opts) if method == "conopt" else float("nan")
+                    for k in args.graph_k:
+                        G, D = mog.make_models(S, 0, device)
+                        eng = mog_fused.FusedMoG(mog_fused.pack(G, D), method, backend=backend, triton_options=opts)
+                        gs = eng.make_graphed_steps(k, batch_size=B, sample=True)
+                        reps = max(1, 200 // k)
+                        t = timeit(lambda: [gs.replay() for _ in range(reps)], warmup=1, repeat=args.repeat,
+                                   device=device) / (reps * k)
+                        name = "fused" if prec is None else f"fused/triton {prec}"
+                        rows.append(dict(method=method, engine=name, variant=f"cuda graph k={k}", S=S,
+                                         ms_per_step=t * 1e3, seed_steps_per_s=S / t, rel_error=err))
+                        print(rows[-1], flush=True)
     text = f"## bench_mog ({device.type})\n\n{header_text(device)}\n\n"
-    text += markdown_table(rows, ["method", "engine", "variant", "S", "ms_per_step", "seed_steps_per_s"])
+    text += markdown_table(rows, ["method", "engine", "variant", "S", "ms_per_step", "seed_steps_per_s", "rel_error"])
+    if args.train_check:
+        chk = []
+        for engine in ("fused", "triton-tf32"):
+            t0 = time.perf_counter()
+            r = mog.train("conopt", n_seeds=args.train_check, n_iters=20_000, engine=engine, device=device)
+            sync(device)
+            chk.append(dict(engine=engine, seeds=args.train_check, wall_s=time.perf_counter() - t0,
+                            modes_mean=float(r["modes"][-1].mean()), modes_min=int(r["modes"][-1].min()),
+                            hq_mean=float(r["hq"][-1].mean()), loss_d=float(r["loss_d"][-1].mean()),
+                            diverged=int((r["diverged_at"] >= 0).sum())))
+            print(chk[-1], flush=True)
+        text += (f"\n\nmog.train ConOpt, {args.train_check} seeds x 20,000 steps, float32 fused vs TF32 triton "
+                 "(same draws, final snapshot):\n\n")
+        text += markdown_table(chk, list(chk[0]))
     if args.full_run:
         full = []
         for engine in (["fused", "autograd"] if args.include_eager_full else ["fused"]):

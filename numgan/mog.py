@@ -15,7 +15,11 @@ all S runs exactly as S separate runs would (checked in tests/test_mog.py).
 ``train(engine=...)``: "autograd" runs the reference code above (EnsembleMLP + numgan.optim);
 "fused" runs numgan.mog_fused, the same computation with hand-derived gradients and Hessian-vector
 products in a flat parameter buffer (about 4x faster on a CPU, CUDA-graph capturable; issue 4);
-"auto" picks "fused" whenever it supports the configuration.
+"triton" runs the same algebra, in float32, in numgan.mog_triton's on-chip kernels (CUDA only; ~2x "fused"
+on an H100); "triton-tf32" the same kernels with TF32 products (~3x "fused", about 1e-2 relative error in
+each step's direction against float32's ~4e-5; benchmarks/results/bench_mog-cuda.md): a precision change,
+so it is opt-in and its runs are cached apart. "auto" picks "triton" on CUDA where Triton is installed,
+"fused" elsewhere, whenever they support the configuration.
 """
 import functools
 import math
@@ -182,27 +186,32 @@ def field_for_seed(G: EnsembleMLP, D: EnsembleMLP, index: int, x_real: torch.Ten
     return flat_field(loss_g, loss_d, order(G), order(D))
 
 
-ENGINES = ("auto", "autograd", "fused")
+ENGINES = ("auto", "autograd", "fused", "triton", "triton-tf32")
 
 
-def resolve_engine(engine: str, method: str, objective: str = "standard") -> str:
-    """The engine :func:`train` uses: "autograd" or "fused" (see the module docstring).
+def resolve_engine(engine: str, method: str, objective: str = "standard", device=None) -> str:
+    """The engine :func:`train` uses: "autograd", "fused", "triton" or "triton-tf32" (module docstring).
 
-    "auto" gives "fused" for the configurations numgan.mog_fused supports (methods simga / conopt,
-    objective standard, TF-1 RMSProp) and "autograd" otherwise; asking for "fused" with anything else
-    raises ValueError.
+    "auto" gives, for the configurations numgan.mog_fused supports (methods simga / conopt, objective
+    standard, TF-1 RMSProp), "triton" when ``device`` is CUDA and Triton is importable, else "fused"; and
+    "autograd" otherwise. Asking for "fused" or a Triton engine with anything else raises ValueError; the
+    Triton engines also need a CUDA device (:func:`train` says so).
     """
     from . import mog_fused
 
     if engine not in ENGINES:
         raise ValueError(f"unknown MoG engine {engine!r}; choose one of {ENGINES}")
     ok = method in mog_fused.SUPPORTED_METHODS and objective in mog_fused.SUPPORTED_OBJECTIVES
-    if engine == "fused" and not ok:
-        raise ValueError(f"the fused MoG engine supports methods {mog_fused.SUPPORTED_METHODS} with objective "
+    if engine in ("fused", "triton", "triton-tf32") and not ok:
+        raise ValueError(f"the {engine} MoG engine supports methods {mog_fused.SUPPORTED_METHODS} with objective "
                          f"{mog_fused.SUPPORTED_OBJECTIVES} only, got method={method!r}, objective={objective!r}; "
                          "use engine='autograd' (or 'auto') for other settings")
     if engine == "auto":
-        return "fused" if ok else "autograd"
+        if not ok:
+            return "autograd"
+        from . import mog_triton
+        on_cuda = device is not None and torch.device(device).type == "cuda"
+        return "triton" if on_cuda and mog_triton.available() else "fused"
     return engine
 
 
@@ -239,17 +248,20 @@ def train(method: str = "conopt", n_seeds: int = 1, n_iters: int = 20_000, seed:
     ``modes`` / ``hq`` [K, S], ``log_iters`` [L], ``loss_d`` / ``loss_g`` [L, S], ``diverged_at`` [S],
     ``real`` [N, 2] (target samples drawn the same way), and ``seconds`` (training wall-clock).
 
-    ``engine`` ("auto", "autograd" or "fused", see :func:`resolve_engine`) only changes how the step
-    is computed: both engines draw the same minibatches in the same order and compute the same update
-    (equal up to float rounding), and their checkpoints are interchangeable.
+    ``engine`` ("auto", "autograd", "fused", "triton" or "triton-tf32", see :func:`resolve_engine`) only
+    changes how the step is computed: all engines draw the same minibatches in the same order and compute
+    the same update (equal up to float rounding; "triton-tf32" with TF32 products), and their checkpoints
+    are interchangeable.
     """
     import time
     from pathlib import Path
 
     from .optim import make_game_optimizer
 
-    engine = resolve_engine(engine, method, objective)
     device = torch.device(device)
+    engine = resolve_engine(engine, method, objective, device)
+    if engine.startswith("triton") and device.type != "cuda":
+        raise ValueError(f"engine={engine!r} runs on CUDA, got device={device}; use engine='fused' (or 'auto')")
     G, D = make_models(n_seeds, seed, device)
     opt = make_game_optimizer(method, G.parameters(), D.parameters(), lr=lr, gamma=gamma)
     gen = torch.Generator(device=device).manual_seed(10_000 + seed)
@@ -269,9 +281,12 @@ def train(method: str = "conopt", n_seeds: int = 1, n_iters: int = 20_000, seed:
         hist, diverged, start, seconds = state["hist"], state["diverged"], state["iter"], state["seconds"]
 
     fused = None
-    if engine == "fused":
+    if engine in ("fused", "triton", "triton-tf32"):
         from . import mog_fused
-        fused = mog_fused.FusedMoG(mog_fused.pack(G, D), method, gamma=gamma, lr=lr)
+        fused = mog_fused.FusedMoG(mog_fused.pack(G, D), method, gamma=gamma, lr=lr,
+                                   backend="torch" if engine == "fused" else "triton",
+                                   triton_options=dict(precision="tf32", tile=32, split=16)
+                                   if engine == "triton-tf32" else None)
         mog_fused.load_rmsprop_state(fused, opt, G, D)
 
         def fused_step():
@@ -363,11 +378,13 @@ def run(method: str, n_seeds: int = 1, n_iters: int = 20_000, seed: int = 0, lr:
     """:func:`train` through the run cache (group ``mog``), checkpointing into the run directory.
 
     Figures 2 and 3 call this with the same configuration and so share one run (spec table 4a, M-con).
-    Neither the device nor the ``engine`` is part of the cache key: the engines compute the same
-    function (same draws, same updates up to float rounding) and resume each other's checkpoints.
+    Neither the device nor the float32 ``engine`` ("autograd", "fused", "triton") is part of the cache key:
+    they compute the same function (same draws, same updates up to float rounding) and resume each other's
+    checkpoints. "triton-tf32" computes with TF32 products, so its runs are cached apart (``precision`` key).
     """
-    resolve_engine(engine, method, objective)  # a bad engine fails before the cache is consulted
+    resolved = resolve_engine(engine, method, objective, device)  # a bad engine fails before the cache
     cfg = dict(method=method, n_seeds=n_seeds, n_iters=n_iters, seed=seed, lr=lr, gamma=gamma,
                batch_size=batch_size, objective=objective, snapshot_every=snapshot_every)
-    return runs.cached("mog", method, cfg, lambda d: train(**cfg, device=device, run_dir=d, progress=progress, engine=engine),
-                       force=force)
+    key = dict(cfg, precision="tf32") if resolved == "triton-tf32" else cfg
+    return runs.cached("mog", method, key, lambda d: train(**cfg, device=device, run_dir=d, progress=progress,
+                                                           engine=engine), force=force)

@@ -54,6 +54,7 @@ D_LAYERS, N_PARAMS = _layout(D_DIMS, N_G)
 N_D = N_PARAMS - N_G
 N_LAYERS = len(G_LAYERS)  # 5 for both networks
 SUPPORTED_METHODS = ("simga", "conopt")
+BACKENDS = ("torch", "triton")  # FusedMoG: these batched-matmul steps, or numgan.mog_triton's kernels
 SUPPORTED_OBJECTIVES = ("standard",)
 
 _thr_bwd = torch.ops.aten.threshold_backward
@@ -535,11 +536,17 @@ class FusedMoG:
     with ms starting at ``initial_accumulator``. The step has no host syncs and keeps every buffer at a
     fixed address, so it can be captured in a CUDA graph (:meth:`make_graphed_steps`).
 
-    ``params`` and ``square_avg`` are plain tensors that the step updates in place.
+    ``params`` and ``square_avg`` are plain tensors that the step updates in place. ``backend`` "torch"
+    computes the direction with the batched matrix products of this module; "triton" with the on-chip
+    kernels of numgan.mog_triton (CUDA, float32; ``triton_options`` are passed to
+    ``mog_triton.direction``: precision, tile, split, num_warps). Both compute the same function.
     """
 
     def __init__(self, params: Tensor, method: str = "conopt", gamma: float = 10.0, lr: float = 1e-4,
-                 decay: float = 0.9, eps: float = 1e-10, initial_accumulator: float = 1.0):
+                 decay: float = 0.9, eps: float = 1e-10, initial_accumulator: float = 1.0,
+                 backend: str = "torch", triton_options: Optional[dict] = None):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
         if method not in SUPPORTED_METHODS:
             raise ValueError(f"the fused MoG engine supports methods {SUPPORTED_METHODS}, got {method!r}")
         if params.dim() != 2 or params.shape[1] != N_PARAMS:
@@ -550,6 +557,17 @@ class FusedMoG:
         self.params = params.detach().clone().contiguous()
         self.square_avg = torch.full_like(self.params, initial_accumulator)
         self._plan = None
+        self.backend, self.triton_options = backend, dict(triton_options or {})
+        if backend == "triton":
+            from . import mog_triton
+            if not mog_triton.available():
+                raise ValueError("backend='triton' needs Triton (shipped with the Linux CUDA wheels of torch); "
+                                 "use backend='torch'")
+            if self.params.device.type != "cuda" and not mog_triton.interpreted():
+                raise ValueError(f"backend='triton' runs on CUDA tensors, got {self.params.device}; "
+                                 "use backend='torch' on the CPU")
+            if self.params.dtype != torch.float32 and not mog_triton.interpreted():
+                raise ValueError(f"backend='triton' computes in float32, got {self.params.dtype}")
 
     @property
     def n_seeds(self) -> int:
@@ -565,9 +583,18 @@ class FusedMoG:
         if x_real.shape != (self.n_seeds, B, X_DIM) or z.shape != (self.n_seeds, B, Z_DIM):
             raise ValueError(f"expected x_real [{self.n_seeds}, B, {X_DIM}] and z [{self.n_seeds}, B, {Z_DIM}], "
                              f"got {tuple(x_real.shape)} and {tuple(z.shape)}")
+        gamma = self.gamma if self.method == "conopt" else None
+        if self.backend == "triton":
+            from . import mog_triton
+            split = self.triton_options.get("split", 1)
+            if self._plan is None or not self._plan.fits(self.params, split):
+                self._plan = mog_triton.Workspace(self.params, split)
+            g, ls = mog_triton.direction(self.params, x_real.contiguous(), z.contiguous(), gamma,
+                                         workspace=self._plan, **self.triton_options)
+            return g, ((ls[:, 0], ls[:, 1]) if losses else None)
         if self._plan is None or self._plan.B != B:
             self._plan = _StepPlan(self.params, S, B)
-        g = self._plan.run(x_real, z, self.gamma if self.method == "conopt" else None)
+        g = self._plan.run(x_real, z, gamma)
         return g, (self._plan.losses() if losses else None)
 
     def step(self, x_real: Tensor, z: Tensor, losses: bool = True):

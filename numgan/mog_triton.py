@@ -1,0 +1,670 @@
+"""The MoG game step in Triton kernels that keep the networks on-chip (issue 4, target 2).
+
+The same algebra as numgan.mog_fused (read its module docstring first): u = (grad_theta L_G, grad_phi L_D)
+and the ConOpt direction u + gamma J_u^T u (paper Eq. 16-17) with J_u^T u = H_{L_G} (u_theta, 0) +
+H_{L_D} (0, u_phi), objective ``standard``, for S independent runs at once. numgan.mog_fused writes every
+activation of every seed to GPU memory between ~130 batched matrix products of inner size 16, which makes
+it memory-bound (~2.7 ms per step at 256 seeds on an H100). Here a program owns one seed and a share of
+its minibatch rows and walks over tiles of T rows; a tile's activations, deltas and tangents live in
+registers and the parameter sums accumulate on-chip:
+
+* ``_grad_kernel``  pass 1: forward G, D on the real and fake rows, backward; partial sums of u and of
+  the two losses per program.
+* pass 2 (ConOpt only; it needs the complete u, hence separate kernels): push the tangent t = u forward
+  through G and D and back again (forward-over-reverse), recomputing the tile's forward pass and primal
+  deltas, and accumulate H_{L_G}(t_theta, 0) + H_{L_D}(0, t_phi). It is split in three kernels so that
+  each holds few tiles at once: ``_hvp_real_kernel`` (real rows, D's block), ``_hvp_fake_kernel`` (fake
+  rows, D's block; hands two 2-vectors per row to the next kernel) and ``_hvp_g_kernel`` (G's block).
+  With one program per seed the last two write u + gamma J_u^T u directly.
+
+Per-row notation (rows are samples; every layer width padded to 16 with zeros, which leaves the
+function unchanged): G's layer l maps a_l -> h_l = a_l W_l + b_l, a_{l+1} = relu(h_l), a_0 = z and
+x_fake = h_4; D's layer l maps e_l -> e_l V_l + c_l, e_0 = x, logit d = column 0 of the last layer.
+Primal deltas (dL/d(layer output)): on real rows delta (L_D); on fake rows beta is the backprop of a
+unit logit delta, so the L_D delta is beta sigma/B and the L_G delta beta (sigma - 1)/B (the two losses
+differ only in their derivative at the logit); gamma_l are G's deltas of L_G. The fake rows carry two
+tangents: the D-parameter tangent of H_{L_D}(0, t_phi) ("phi chain") and the input tangent x' of
+H_{L_G}(t_theta, 0) ("x chain"); both losses have curvature sigma (1 - sigma)/B at the logit, so the
+two chains share one tangent backward.
+
+The row sums run in a fixed order within a program and the per-program partials are added by torch, so
+results are deterministic (bit-identical reruns); they equal numgan.mog_fused up to float rounding
+(tests/test_mog_triton.py compares them in float64 with Triton's CPU interpreter).
+
+Precision. Matrix products use ``tl.dot`` with ``input_precision`` (``PRECISIONS``). The default "ieee" is
+float32 FMA arithmetic, the function the torch engines compute (torch's float32 matmuls on CUDA do not use
+TF32 unless asked): on an H100 its ConOpt direction is as close to float64 as numgan.mog_fused's (relative
+error 4.2e-5 on a 256-seed batch), and a graphed ConOpt step of 256 seeds takes 1.28 ms (~200k
+seed-steps/s; numgan.mog_fused: 2.67 ms). "tf32" (tensor cores, 10-bit mantissa operands) is a precision
+change, opt-in: 0.85 ms (~300k seed-steps/s) at a relative error of 1e-2 per direction, which left 20k-step
+training outcomes unchanged in a 64-seed comparison. "tf32x3" (float32 accuracy from three TF32 products)
+spilled registers and ran at ~60k. Numbers: benchmarks/results/bench_mog-cuda.md. Under Triton's
+interpreter (tests) every product is exact numpy arithmetic in the input dtype.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .mog_fused import N_G, N_PARAMS, X_DIM, Z_DIM
+
+try:  # Triton ships with the Linux CUDA wheels of torch; elsewhere the torch engines are used
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+
+PRECISIONS = ("ieee", "tf32x3", "tf32")
+
+
+def available() -> bool:
+    """True when Triton is importable (kernels run on CUDA tensors, or on CPU tensors under
+    ``TRITON_INTERPRET=1``, Triton's interpreter, which the tests use)."""
+    return triton is not None
+
+
+def interpreted() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
+    return available() and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+if triton is not None:
+    # ------------------------------------------------------------------------------------------------
+    # helpers (every block is [rows, 16] or [16, 16]; padded entries are zero)
+    # ------------------------------------------------------------------------------------------------
+    @triton.jit
+    def _ld(p, OFF: tl.constexpr, IN: tl.constexpr, OUT: tl.constexpr):
+        """Layer block at flat offset OFF: weight [IN, OUT] (row-major) then bias [OUT], padded to 16."""
+        i = tl.arange(0, 16)[:, None]
+        j = tl.arange(0, 16)[None, :]
+        w = tl.load(p + OFF + i * OUT + j, mask=(i < IN) & (j < OUT), other=0.0)
+        c = tl.arange(0, 16)
+        b = tl.load(p + OFF + IN * OUT + c, mask=c < OUT, other=0.0)
+        return w, b
+
+    @triton.jit
+    def _st(p, OFF: tl.constexpr, IN: tl.constexpr, OUT: tl.constexpr, w, b):
+        i = tl.arange(0, 16)[:, None]
+        j = tl.arange(0, 16)[None, :]
+        tl.store(p + OFF + i * OUT + j, w, mask=(i < IN) & (j < OUT))
+        c = tl.arange(0, 16)
+        tl.store(p + OFF + IN * OUT + c, b, mask=c < OUT)
+
+    @triton.jit
+    def _st_combo(p, q, OFF: tl.constexpr, IN: tl.constexpr, OUT: tl.constexpr, w, b, gam):
+        """Store u + gam * (w, b) where u is read from q (the final ConOpt direction)."""
+        i = tl.arange(0, 16)[:, None]
+        j = tl.arange(0, 16)[None, :]
+        m = (i < IN) & (j < OUT)
+        uw = tl.load(q + OFF + i * OUT + j, mask=m, other=0.0)
+        tl.store(p + OFF + i * OUT + j, uw + gam * w, mask=m)
+        c = tl.arange(0, 16)
+        ub = tl.load(q + OFF + IN * OUT + c, mask=c < OUT, other=0.0)
+        tl.store(p + OFF + IN * OUT + c, ub + gam * b, mask=c < OUT)
+
+    @triton.jit
+    def _ldG(p):
+        """G's five layer blocks (weights, biases) of the flat vector at p."""
+        W0, b0 = _ld(p, 0, 16, 16)
+        W1, b1 = _ld(p, 272, 16, 16)
+        W2, b2 = _ld(p, 544, 16, 16)
+        W3, b3 = _ld(p, 816, 16, 16)
+        W4, b4 = _ld(p, 1088, 16, 2)
+        return W0, b0, W1, b1, W2, b2, W3, b3, W4, b4
+
+    @triton.jit
+    def _ldD(p):
+        """D's five layer blocks (weights, biases) of the flat vector at p."""
+        V0, c0 = _ld(p, 1122, 2, 16)
+        V1, c1 = _ld(p, 1170, 16, 16)
+        V2, c2 = _ld(p, 1442, 16, 16)
+        V3, c3 = _ld(p, 1714, 16, 16)
+        V4, c4 = _ld(p, 1986, 16, 1)
+        return V0, c0, V1, c1, V2, c2, V3, c3, V4, c4
+
+    @triton.jit
+    def _mm(a, b, PREC: tl.constexpr):
+        return tl.dot(a, b, input_precision=PREC)
+
+    @triton.jit
+    def _mmT(a, b, PREC: tl.constexpr):
+        """a^T b (a parameter-gradient block: sum over the tile's rows)."""
+        return tl.dot(tl.trans(a), b, input_precision=PREC)
+
+    @triton.jit
+    def _mmBT(a, b, PREC: tl.constexpr):
+        """a b^T (backprop through a weight)."""
+        return tl.dot(a, tl.trans(b), input_precision=PREC)
+
+    @triton.jit
+    def _lin(a, w, b, PREC: tl.constexpr):
+        return _mm(a, w, PREC) + b[None, :]
+
+    @triton.jit
+    def _relu(h):
+        return tl.maximum(h, 0.0)
+
+    @triton.jit
+    def _on(g, a):
+        """g where the ReLU output a is positive (threshold_backward), else 0."""
+        return tl.where(a > 0.0, g, 0.0)
+
+    @triton.jit
+    def _softplus(x):
+        return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+    @triton.jit
+    def _load_rows(ptr, s, B, rows, rmask, WIDTH: tl.constexpr):
+        cols = tl.arange(0, 16)[None, :]
+        return tl.load(ptr + (s * B + rows)[:, None] * WIDTH + cols, mask=rmask[:, None] & (cols < WIDTH), other=0.0)
+
+    # ------------------------------------------------------------------------------------------------
+    # pass 1: u and the losses
+    # ------------------------------------------------------------------------------------------------
+    @triton.jit
+    def _grad_kernel(P, XR, Z, OUT, LOSS, S, B, rows_per_prog, inv_b,
+                     T: tl.constexpr, PREC: tl.constexpr, RELOAD: tl.constexpr):
+        s = tl.program_id(0)
+        k = tl.program_id(1)
+        p = P + s * 2003
+        if not RELOAD:
+            W0, b0, W1, b1, W2, b2, W3, b3, W4, b4 = _ldG(p)
+            V0, c0, V1, c1, V2, c2, V3, c3, V4, c4 = _ldD(p)
+        gW0 = tl.zeros([16, 16], P.dtype.element_ty)
+        gW1 = tl.zeros([16, 16], P.dtype.element_ty)
+        gW2 = tl.zeros([16, 16], P.dtype.element_ty)
+        gW3 = tl.zeros([16, 16], P.dtype.element_ty)
+        gW4 = tl.zeros([16, 16], P.dtype.element_ty)
+        gV0 = tl.zeros([16, 16], P.dtype.element_ty)
+        gV1 = tl.zeros([16, 16], P.dtype.element_ty)
+        gV2 = tl.zeros([16, 16], P.dtype.element_ty)
+        gV3 = tl.zeros([16, 16], P.dtype.element_ty)
+        gV4 = tl.zeros([16, 16], P.dtype.element_ty)
+        gb0 = tl.zeros([16], P.dtype.element_ty)
+        gb1 = tl.zeros([16], P.dtype.element_ty)
+        gb2 = tl.zeros([16], P.dtype.element_ty)
+        gb3 = tl.zeros([16], P.dtype.element_ty)
+        gb4 = tl.zeros([16], P.dtype.element_ty)
+        gc0 = tl.zeros([16], P.dtype.element_ty)
+        gc1 = tl.zeros([16], P.dtype.element_ty)
+        gc2 = tl.zeros([16], P.dtype.element_ty)
+        gc3 = tl.zeros([16], P.dtype.element_ty)
+        gc4 = tl.zeros([16], P.dtype.element_ty)
+        sum_ld = tl.zeros([T], P.dtype.element_ty)
+        sum_lg = tl.zeros([T], P.dtype.element_ty)
+        col0 = (tl.arange(0, 16) == 0)[None, :]
+        start = k * rows_per_prog
+        stop = tl.minimum(start + rows_per_prog, B)
+        for r0 in range(start, stop, T):
+            if RELOAD:
+                W0, b0, W1, b1, W2, b2, W3, b3, W4, b4 = _ldG(p)
+                V0, c0, V1, c1, V2, c2, V3, c3, V4, c4 = _ldD(p)
+            rows = r0 + tl.arange(0, T)
+            rmask = rows < stop
+            live = tl.where(rmask, inv_b, 0.0)  # 1/B on real rows of this tile, 0 on padding rows
+            # ---- real rows: D forward, L_D backward ----
+            e0 = _load_rows(XR, s, B, rows, rmask, 2)
+            e1 = _relu(_lin(e0, V0, c0, PREC))
+            e2 = _relu(_lin(e1, V1, c1, PREC))
+            e3 = _relu(_lin(e2, V2, c2, PREC))
+            e4 = _relu(_lin(e3, V3, c3, PREC))
+            d = tl.sum(_lin(e4, V4, c4, PREC), axis=1)
+            sum_ld += tl.where(rmask, _softplus(-d), 0.0)
+            dl = tl.where(col0, ((tl.sigmoid(d) - 1.0) * live)[:, None], 0.0)
+            gV4 += _mmT(e4, dl, PREC)
+            gc4 += tl.sum(dl, axis=0)
+            dl = _on(_mmBT(dl, V4, PREC), e4)
+            gV3 += _mmT(e3, dl, PREC)
+            gc3 += tl.sum(dl, axis=0)
+            dl = _on(_mmBT(dl, V3, PREC), e3)
+            gV2 += _mmT(e2, dl, PREC)
+            gc2 += tl.sum(dl, axis=0)
+            dl = _on(_mmBT(dl, V2, PREC), e2)
+            gV1 += _mmT(e1, dl, PREC)
+            gc1 += tl.sum(dl, axis=0)
+            dl = _on(_mmBT(dl, V1, PREC), e1)
+            gV0 += _mmT(e0, dl, PREC)
+            gc0 += tl.sum(dl, axis=0)
+            # ---- G forward ----
+            a0 = _load_rows(Z, s, B, rows, rmask, 16)
+            a1 = _relu(_lin(a0, W0, b0, PREC))
+            a2 = _relu(_lin(a1, W1, b1, PREC))
+            a3 = _relu(_lin(a2, W2, b2, PREC))
+            a4 = _relu(_lin(a3, W3, b3, PREC))
+            f0 = _lin(a4, W4, b4, PREC)
+            # ---- fake rows: D forward; beta = backprop of a unit logit delta ----
+            f1 = _relu(_lin(f0, V0, c0, PREC))
+            f2 = _relu(_lin(f1, V1, c1, PREC))
+            f3 = _relu(_lin(f2, V2, c2, PREC))
+            f4 = _relu(_lin(f3, V3, c3, PREC))
+            d = tl.sum(_lin(f4, V4, c4, PREC), axis=1)
+            sum_ld += tl.where(rmask, _softplus(d), 0.0)
+            sum_lg += tl.where(rmask, _softplus(-d), 0.0)
+            sig = tl.sigmoid(d)
+            s_d = (sig * live)[:, None]           # L_D delta = beta * s_d
+            s_g = ((sig - 1.0) * live)[:, None]   # L_G delta = beta * s_g
+            bt = tl.where(col0, 1.0, 0.0) + tl.zeros([T, 16], P.dtype.element_ty)
+            gV4 += _mmT(f4, bt * s_d, PREC)
+            gc4 += tl.sum(bt * s_d, axis=0)
+            bt = _on(_mmBT(bt, V4, PREC), f4)
+            gV3 += _mmT(f3, bt * s_d, PREC)
+            gc3 += tl.sum(bt * s_d, axis=0)
+            bt = _on(_mmBT(bt, V3, PREC), f3)
+            gV2 += _mmT(f2, bt * s_d, PREC)
+            gc2 += tl.sum(bt * s_d, axis=0)
+            bt = _on(_mmBT(bt, V2, PREC), f2)
+            gV1 += _mmT(f1, bt * s_d, PREC)
+            gc1 += tl.sum(bt * s_d, axis=0)
+            bt = _on(_mmBT(bt, V1, PREC), f1)
+            gV0 += _mmT(f0, bt * s_d, PREC)
+            gc0 += tl.sum(bt * s_d, axis=0)
+            # ---- G backward of L_G from dL_G/dx_fake ----
+            gl = _mmBT(bt * s_g, V0, PREC)
+            gW4 += _mmT(a4, gl, PREC)
+            gb4 += tl.sum(gl, axis=0)
+            gl = _on(_mmBT(gl, W4, PREC), a4)
+            gW3 += _mmT(a3, gl, PREC)
+            gb3 += tl.sum(gl, axis=0)
+            gl = _on(_mmBT(gl, W3, PREC), a3)
+            gW2 += _mmT(a2, gl, PREC)
+            gb2 += tl.sum(gl, axis=0)
+            gl = _on(_mmBT(gl, W2, PREC), a2)
+            gW1 += _mmT(a1, gl, PREC)
+            gb1 += tl.sum(gl, axis=0)
+            gl = _on(_mmBT(gl, W1, PREC), a1)
+            gW0 += _mmT(a0, gl, PREC)
+            gb0 += tl.sum(gl, axis=0)
+        o = OUT + (k * S + s) * 2003
+        _st(o, 0, 16, 16, gW0, gb0)
+        _st(o, 272, 16, 16, gW1, gb1)
+        _st(o, 544, 16, 16, gW2, gb2)
+        _st(o, 816, 16, 16, gW3, gb3)
+        _st(o, 1088, 16, 2, gW4, gb4)
+        _st(o, 1122, 2, 16, gV0, gc0)
+        _st(o, 1170, 16, 16, gV1, gc1)
+        _st(o, 1442, 16, 16, gV2, gc2)
+        _st(o, 1714, 16, 16, gV3, gc3)
+        _st(o, 1986, 16, 1, gV4, gc4)
+        lo = LOSS + (k * S + s) * 2
+        tl.store(lo, tl.sum(sum_ld, axis=0) * inv_b)
+        tl.store(lo + 1, tl.sum(sum_lg, axis=0) * inv_b)
+
+    # ------------------------------------------------------------------------------------------------
+    # pass 2: J_u^T u (forward-over-reverse along t = u), in three kernels with small live sets
+    # (one kernel holding everything spilled registers and ran ~10x slower on an H100)
+    # ------------------------------------------------------------------------------------------------
+    @triton.jit
+    def _hvp_real_kernel(P, U, XR, OUT, S, B, rows_per_prog, inv_b,
+                         T: tl.constexpr, PREC: tl.constexpr, RELOAD: tl.constexpr):
+        """Real rows: the D-parameter part of H_{L_D}(0, t_phi); writes D's block of OUT (partial)."""
+        s = tl.program_id(0)
+        k = tl.program_id(1)
+        p = P + s * 2003
+        q = U + s * 2003
+        if not RELOAD:
+            V0, c0, V1, c1, V2, c2, V3, c3, V4, c4 = _ldD(p)
+            tV0, tc0, tV1, tc1, tV2, tc2, tV3, tc3, tV4, tc4 = _ldD(q)
+        hV0 = tl.zeros([16, 16], P.dtype.element_ty)
+        hV1 = tl.zeros([16, 16], P.dtype.element_ty)
+        hV2 = tl.zeros([16, 16], P.dtype.element_ty)
+        hV3 = tl.zeros([16, 16], P.dtype.element_ty)
+        hV4 = tl.zeros([16, 16], P.dtype.element_ty)
+        hc0 = tl.zeros([16], P.dtype.element_ty)
+        hc1 = tl.zeros([16], P.dtype.element_ty)
+        hc2 = tl.zeros([16], P.dtype.element_ty)
+        hc3 = tl.zeros([16], P.dtype.element_ty)
+        hc4 = tl.zeros([16], P.dtype.element_ty)
+        col0 = (tl.arange(0, 16) == 0)[None, :]
+        start = k * rows_per_prog
+        stop = tl.minimum(start + rows_per_prog, B)
+        for r0 in range(start, stop, T):
+            if RELOAD:
+                V0, c0, V1, c1, V2, c2, V3, c3, V4, c4 = _ldD(p)
+                tV0, tc0, tV1, tc1, tV2, tc2, tV3, tc3, tV4, tc4 = _ldD(q)
+            rows = r0 + tl.arange(0, T)
+            rmask = rows < stop
+            live = tl.where(rmask, inv_b, 0.0)
+            e0 = _load_rows(XR, s, B, rows, rmask, 2)
+            e1 = _relu(_lin(e0, V0, c0, PREC))
+            e2 = _relu(_lin(e1, V1, c1, PREC))
+            e3 = _relu(_lin(e2, V2, c2, PREC))
+            e4 = _relu(_lin(e3, V3, c3, PREC))
+            d = tl.sum(_lin(e4, V4, c4, PREC), axis=1)
+            sig = tl.sigmoid(d)
+            # tangent forward (D-parameter tangent)
+            te1 = _on(_lin(e0, tV0, tc0, PREC), e1)
+            te2 = _on(_mm(te1, V1, PREC) + _lin(e1, tV1, tc1, PREC), e2)
+            te3 = _on(_mm(te2, V2, PREC) + _lin(e2, tV2, tc2, PREC), e3)
+            te4 = _on(_mm(te3, V3, PREC) + _lin(e3, tV3, tc3, PREC), e4)
+            td = tl.sum(_mm(te4, V4, PREC) + _lin(e4, tV4, tc4, PREC), axis=1)
+            dt = tl.where(col0, (td * sig * (1.0 - sig) * live)[:, None], 0.0)
+            # tangent backward, with the primal deltas dl computed alongside (fewer live tiles)
+            dl = tl.where(col0, ((sig - 1.0) * live)[:, None], 0.0)
+            hV4 += _mmT(e4, dt, PREC) + _mmT(te4, dl, PREC)
+            hc4 += tl.sum(dt, axis=0)
+            dt = _on(_mmBT(dt, V4, PREC) + _mmBT(dl, tV4, PREC), e4)
+            dl = _on(_mmBT(dl, V4, PREC), e4)
+            hV3 += _mmT(e3, dt, PREC) + _mmT(te3, dl, PREC)
+            hc3 += tl.sum(dt, axis=0)
+            dt = _on(_mmBT(dt, V3, PREC) + _mmBT(dl, tV3, PREC), e3)
+            dl = _on(_mmBT(dl, V3, PREC), e3)
+            hV2 += _mmT(e2, dt, PREC) + _mmT(te2, dl, PREC)
+            hc2 += tl.sum(dt, axis=0)
+            dt = _on(_mmBT(dt, V2, PREC) + _mmBT(dl, tV2, PREC), e2)
+            dl = _on(_mmBT(dl, V2, PREC), e2)
+            hV1 += _mmT(e1, dt, PREC) + _mmT(te1, dl, PREC)
+            hc1 += tl.sum(dt, axis=0)
+            dt = _on(_mmBT(dt, V1, PREC) + _mmBT(dl, tV1, PREC), e1)
+            hV0 += _mmT(e0, dt, PREC)
+            hc0 += tl.sum(dt, axis=0)
+        o = OUT + (k * S + s) * 2003
+        _st(o, 1122, 2, 16, hV0, hc0)
+        _st(o, 1170, 16, 16, hV1, hc1)
+        _st(o, 1442, 16, 16, hV2, hc2)
+        _st(o, 1714, 16, 16, hV3, hc3)
+        _st(o, 1986, 16, 1, hV4, hc4)
+
+    @triton.jit
+    def _add_st(o, q, OFF: tl.constexpr, IN: tl.constexpr, OUT: tl.constexpr, w, b, gam, FINAL: tl.constexpr):
+        """o <- o + (w, b) (the real-row part is already in o); with FINAL, o <- u + gam * that (u from q)."""
+        i = tl.arange(0, 16)[:, None]
+        j = tl.arange(0, 16)[None, :]
+        m = (i < IN) & (j < OUT)
+        c = tl.arange(0, 16)
+        w = w + tl.load(o + OFF + i * OUT + j, mask=m, other=0.0)
+        b = b + tl.load(o + OFF + IN * OUT + c, mask=c < OUT, other=0.0)
+        if FINAL:
+            _st_combo(o, q, OFF, IN, OUT, w, b, gam)
+        else:
+            _st(o, OFF, IN, OUT, w, b)
+
+    @triton.jit
+    def _hvp_fake_kernel(P, U, Z, OUT, DXT, GL, S, B, rows_per_prog, inv_b, gam,
+                         T: tl.constexpr, PREC: tl.constexpr, FINAL: tl.constexpr):
+        """Fake rows: D's block of H_{L_D}(0, t_phi) + H_{L_G}(t_theta, 0) (added to the real rows' part in
+        OUT), and per row the two 2-vectors G's tangent backward needs: the tangent of dL/dx_fake (DXT)
+        and L_G's primal delta at G's output (GL)."""
+        s = tl.program_id(0)
+        k = tl.program_id(1)
+        p = P + s * 2003
+        q = U + s * 2003
+        hV0 = tl.zeros([16, 16], tl.float32).to(P.dtype.element_ty)
+        hV1 = tl.zeros_like(hV0)
+        hV2 = tl.zeros_like(hV0)
+        hV3 = tl.zeros_like(hV0)
+        hV4 = tl.zeros_like(hV0)
+        hc0 = tl.zeros([16], tl.float32).to(P.dtype.element_ty)
+        hc1 = tl.zeros_like(hc0)
+        hc2 = tl.zeros_like(hc0)
+        hc3 = tl.zeros_like(hc0)
+        hc4 = tl.zeros_like(hc0)
+        col0 = (tl.arange(0, 16) == 0)[None, :]
+        cols = tl.arange(0, 16)[None, :]
+        start = k * rows_per_prog
+        stop = tl.minimum(start + rows_per_prog, B)
+        for r0 in range(start, stop, T):
+            rows = r0 + tl.arange(0, T)
+            rmask = rows < stop
+            live = tl.where(rmask, inv_b, 0.0)
+            # G forward, primal and tangent (t_theta): only x_fake and its tangent xt leave this block
+            W0, b0 = _ld(p, 0, 16, 16)
+            tW0, tb0 = _ld(q, 0, 16, 16)
+            a0 = _load_rows(Z, s, B, rows, rmask, 16)
+            a1 = _relu(_lin(a0, W0, b0, PREC))
+            ta = _on(_lin(a0, tW0, tb0, PREC), a1)
+            W1, b1 = _ld(p, 272, 16, 16)
+            tW1, tb1 = _ld(q, 272, 16, 16)
+            a2 = _relu(_lin(a1, W1, b1, PREC))
+            ta = _on(_mm(ta, W1, PREC) + _lin(a1, tW1, tb1, PREC), a2)
+            W2, b2 = _ld(p, 544, 16, 16)
+            tW2, tb2 = _ld(q, 544, 16, 16)
+            a3 = _relu(_lin(a2, W2, b2, PREC))
+            ta = _on(_mm(ta, W2, PREC) + _lin(a2, tW2, tb2, PREC), a3)
+            W3, b3 = _ld(p, 816, 16, 16)
+            tW3, tb3 = _ld(q, 816, 16, 16)
+            a4 = _relu(_lin(a3, W3, b3, PREC))
+            ta = _on(_mm(ta, W3, PREC) + _lin(a3, tW3, tb3, PREC), a4)
+            W4, b4 = _ld(p, 1088, 16, 2)
+            tW4, tb4 = _ld(q, 1088, 16, 2)
+            f0 = _lin(a4, W4, b4, PREC)
+            xt = _mm(ta, W4, PREC) + _lin(a4, tW4, tb4, PREC)
+            # D forward on the fake rows
+            V0, c0 = _ld(p, 1122, 2, 16)
+            V1, c1 = _ld(p, 1170, 16, 16)
+            V2, c2 = _ld(p, 1442, 16, 16)
+            V3, c3 = _ld(p, 1714, 16, 16)
+            V4, c4 = _ld(p, 1986, 16, 1)
+            f1 = _relu(_lin(f0, V0, c0, PREC))
+            f2 = _relu(_lin(f1, V1, c1, PREC))
+            f3 = _relu(_lin(f2, V2, c2, PREC))
+            f4 = _relu(_lin(f3, V3, c3, PREC))
+            d = tl.sum(_lin(f4, V4, c4, PREC), axis=1)
+            sig = tl.sigmoid(d)
+            s_d = (sig * live)[:, None]
+            s_g = ((sig - 1.0) * live)[:, None]
+            # tangents of D's activations: the sum chain tc (phi + x chains, for the logit) and the
+            # weighted chain tw = s_d * phi chain + s_g * x chain (for the cross terms with beta)
+            tV0, tc0 = _ld(q, 1122, 2, 16)
+            pv = _lin(f0, tV0, tc0, PREC)
+            xv = _mm(xt, V0, PREC)
+            tc = _on(pv + xv, f1)
+            tw1 = _on(pv * s_d + xv * s_g, f1)
+            tV1, tc1 = _ld(q, 1170, 16, 16)
+            pv = _lin(f1, tV1, tc1, PREC)
+            tc = _on(_mm(tc, V1, PREC) + pv, f2)
+            tw2 = _on(_mm(tw1, V1, PREC) + pv * s_d, f2)
+            tV2, tc2 = _ld(q, 1442, 16, 16)
+            pv = _lin(f2, tV2, tc2, PREC)
+            tc = _on(_mm(tc, V2, PREC) + pv, f3)
+            tw3 = _on(_mm(tw2, V2, PREC) + pv * s_d, f3)
+            tV3, tc3 = _ld(q, 1714, 16, 16)
+            pv = _lin(f3, tV3, tc3, PREC)
+            tc = _on(_mm(tc, V3, PREC) + pv, f4)
+            tw4 = _on(_mm(tw3, V3, PREC) + pv * s_d, f4)
+            tV4, tc4 = _ld(q, 1986, 16, 1)
+            td = tl.sum(_mm(tc, V4, PREC) + _lin(f4, tV4, tc4, PREC), axis=1)
+            dt = tl.where(col0, (td * sig * (1.0 - sig) * live)[:, None], 0.0)
+            # tangent backward through D, with beta (the unit-logit backprop) layer by layer
+            bt = tl.where(col0, 1.0, 0.0) + tl.zeros_like(f4)
+            hV4 += _mmT(f4, dt, PREC) + _mmT(tw4, bt, PREC)
+            hc4 += tl.sum(dt, axis=0)
+            dt = _on(_mmBT(dt, V4, PREC) + _mmBT(bt * s_d, tV4, PREC), f4)
+            bt = _on(_mmBT(bt, V4, PREC), f4)
+            hV3 += _mmT(f3, dt, PREC) + _mmT(tw3, bt, PREC)
+            hc3 += tl.sum(dt, axis=0)
+            dt = _on(_mmBT(dt, V3, PREC) + _mmBT(bt * s_d, tV3, PREC), f3)
+            bt = _on(_mmBT(bt, V3, PREC), f3)
+            hV2 += _mmT(f2, dt, PREC) + _mmT(tw2, bt, PREC)
+            hc2 += tl.sum(dt, axis=0)
+            dt = _on(_mmBT(dt, V2, PREC) + _mmBT(bt * s_d, tV2, PREC), f2)
+            bt = _on(_mmBT(bt, V2, PREC), f2)
+            hV1 += _mmT(f1, dt, PREC) + _mmT(tw1, bt, PREC)
+            hc1 += tl.sum(dt, axis=0)
+            dt = _on(_mmBT(dt, V1, PREC) + _mmBT(bt * s_d, tV1, PREC), f1)
+            bt = _on(_mmBT(bt, V1, PREC), f1)
+            hV0 += _mmT(f0, dt, PREC) + _mmT(xt * s_g, bt, PREC)
+            hc0 += tl.sum(dt, axis=0)
+            # into G: the tangent of dL/dx (both losses, plus the phi chain's term through V0), and
+            # L_G's primal delta at G's output; both have 2 live columns
+            dxt = _mmBT(dt, V0, PREC) + _mmBT(bt * s_d, tV0, PREC)
+            gl = _mmBT(bt * s_g, V0, PREC)
+            off = (s * B + rows)[:, None] * 2 + cols
+            m2 = rmask[:, None] & (cols < 2)
+            tl.store(DXT + off, dxt, mask=m2)
+            tl.store(GL + off, gl, mask=m2)
+        o = OUT + (k * S + s) * 2003
+        _add_st(o, q, 1122, 2, 16, hV0, hc0, gam, FINAL)
+        _add_st(o, q, 1170, 16, 16, hV1, hc1, gam, FINAL)
+        _add_st(o, q, 1442, 16, 16, hV2, hc2, gam, FINAL)
+        _add_st(o, q, 1714, 16, 16, hV3, hc3, gam, FINAL)
+        _add_st(o, q, 1986, 16, 1, hV4, hc4, gam, FINAL)
+
+    @triton.jit
+    def _hvp_g_kernel(P, U, Z, OUT, DXT, GL, S, B, rows_per_prog, gam,
+                      T: tl.constexpr, PREC: tl.constexpr, FINAL: tl.constexpr, RELOAD: tl.constexpr):
+        """G's block of H_{L_G}(t_theta, 0) + H_{L_D}(0, t_phi): the tangent backward through G from DXT,
+        with L_G's primal deltas from GL and the tangent activations of t_theta recomputed."""
+        s = tl.program_id(0)
+        k = tl.program_id(1)
+        p = P + s * 2003
+        q = U + s * 2003
+        if not RELOAD:
+            W0, b0, W1, b1, W2, b2, W3, b3, W4, b4 = _ldG(p)
+            tW0, tb0, tW1, tb1, tW2, tb2, tW3, tb3, tW4, tb4 = _ldG(q)
+        hW0 = tl.zeros([16, 16], P.dtype.element_ty)
+        hW1 = tl.zeros([16, 16], P.dtype.element_ty)
+        hW2 = tl.zeros([16, 16], P.dtype.element_ty)
+        hW3 = tl.zeros([16, 16], P.dtype.element_ty)
+        hW4 = tl.zeros([16, 16], P.dtype.element_ty)
+        hb0 = tl.zeros([16], P.dtype.element_ty)
+        hb1 = tl.zeros([16], P.dtype.element_ty)
+        hb2 = tl.zeros([16], P.dtype.element_ty)
+        hb3 = tl.zeros([16], P.dtype.element_ty)
+        hb4 = tl.zeros([16], P.dtype.element_ty)
+        start = k * rows_per_prog
+        stop = tl.minimum(start + rows_per_prog, B)
+        for r0 in range(start, stop, T):
+            if RELOAD:
+                W0, b0, W1, b1, W2, b2, W3, b3, W4, b4 = _ldG(p)
+                tW0, tb0, tW1, tb1, tW2, tb2, tW3, tb3, tW4, tb4 = _ldG(q)
+            rows = r0 + tl.arange(0, T)
+            rmask = rows < stop
+            a0 = _load_rows(Z, s, B, rows, rmask, 16)
+            a1 = _relu(_lin(a0, W0, b0, PREC))
+            a2 = _relu(_lin(a1, W1, b1, PREC))
+            a3 = _relu(_lin(a2, W2, b2, PREC))
+            a4 = _relu(_lin(a3, W3, b3, PREC))
+            ta1 = _on(_lin(a0, tW0, tb0, PREC), a1)
+            ta2 = _on(_mm(ta1, W1, PREC) + _lin(a1, tW1, tb1, PREC), a2)
+            ta3 = _on(_mm(ta2, W2, PREC) + _lin(a2, tW2, tb2, PREC), a3)
+            ta4 = _on(_mm(ta3, W3, PREC) + _lin(a3, tW3, tb3, PREC), a4)
+            dt = _load_rows(DXT, s, B, rows, rmask, 2)
+            gl = _load_rows(GL, s, B, rows, rmask, 2)  # L_G's primal delta, backpropagated alongside
+            hW4 += _mmT(a4, dt, PREC) + _mmT(ta4, gl, PREC)
+            hb4 += tl.sum(dt, axis=0)
+            dt = _on(_mmBT(dt, W4, PREC) + _mmBT(gl, tW4, PREC), a4)
+            gl = _on(_mmBT(gl, W4, PREC), a4)
+            hW3 += _mmT(a3, dt, PREC) + _mmT(ta3, gl, PREC)
+            hb3 += tl.sum(dt, axis=0)
+            dt = _on(_mmBT(dt, W3, PREC) + _mmBT(gl, tW3, PREC), a3)
+            gl = _on(_mmBT(gl, W3, PREC), a3)
+            hW2 += _mmT(a2, dt, PREC) + _mmT(ta2, gl, PREC)
+            hb2 += tl.sum(dt, axis=0)
+            dt = _on(_mmBT(dt, W2, PREC) + _mmBT(gl, tW2, PREC), a2)
+            gl = _on(_mmBT(gl, W2, PREC), a2)
+            hW1 += _mmT(a1, dt, PREC) + _mmT(ta1, gl, PREC)
+            hb1 += tl.sum(dt, axis=0)
+            dt = _on(_mmBT(dt, W1, PREC) + _mmBT(gl, tW1, PREC), a1)
+            hW0 += _mmT(a0, dt, PREC)
+            hb0 += tl.sum(dt, axis=0)
+        o = OUT + (k * S + s) * 2003
+        if FINAL:
+            _st_combo(o, q, 0, 16, 16, hW0, hb0, gam)
+            _st_combo(o, q, 272, 16, 16, hW1, hb1, gam)
+            _st_combo(o, q, 544, 16, 16, hW2, hb2, gam)
+            _st_combo(o, q, 816, 16, 16, hW3, hb3, gam)
+            _st_combo(o, q, 1088, 16, 2, hW4, hb4, gam)
+        else:
+            _st(o, 0, 16, 16, hW0, hb0)
+            _st(o, 272, 16, 16, hW1, hb1)
+            _st(o, 544, 16, 16, hW2, hb2)
+            _st(o, 816, 16, 16, hW3, hb3)
+            _st(o, 1088, 16, 2, hW4, hb4)
+
+
+def _check_inputs(params: Tensor, x_real: Tensor, z: Tensor, precision: str, tile: int, split: int):
+    if triton is None:
+        raise RuntimeError("numgan.mog_triton needs Triton (it ships with the Linux CUDA wheels of torch: "
+                           "pip install torch); use numgan.mog_fused (engine='fused') without it")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+    if tile not in (16, 32, 64, 128):
+        raise ValueError(f"tile must be 16, 32, 64 or 128 rows, got {tile}")
+    if split < 1:
+        raise ValueError(f"split must be >= 1, got {split}")
+    if params.dim() != 2 or params.shape[1] != N_PARAMS:
+        raise ValueError(f"params must be [S, {N_PARAMS}] (numgan.mog_fused.pack), got {tuple(params.shape)}")
+    S = params.shape[0]
+    if x_real.dim() != 3 or x_real.shape[0] != S or x_real.shape[2] != X_DIM:
+        raise ValueError(f"x_real must be [S={S}, B, {X_DIM}], got {tuple(x_real.shape)}")
+    if z.shape != (S, x_real.shape[1], Z_DIM):
+        raise ValueError(f"z must be [S={S}, B={x_real.shape[1]}, {Z_DIM}], got {tuple(z.shape)}")
+    if not (params.dtype == x_real.dtype == z.dtype) or params.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"params, x_real and z must share a dtype (float32; float64 in the interpreter), got "
+                         f"{params.dtype}, {x_real.dtype}, {z.dtype}")
+    if params.device.type != "cuda" and not interpreted():
+        raise ValueError("the Triton MoG kernels run on CUDA tensors (or on the CPU under TRITON_INTERPRET=1); "
+                         f"got {params.device}; use numgan.mog_fused there")
+    for name, t in (("params", params), ("x_real", x_real), ("z", z)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+
+
+class Workspace:
+    """Output buffers of :func:`direction` for one (S, B, split) (fixed addresses, as CUDA graphs need)."""
+
+    def __init__(self, params: Tensor, split: int):
+        S = params.shape[0]
+        self.split = split
+        self.u_parts = torch.empty(split, S, N_PARAMS, dtype=params.dtype, device=params.device)
+        self.loss_parts = torch.empty(split, S, 2, dtype=params.dtype, device=params.device)
+        self.u = self.u_parts[0] if split == 1 else torch.empty_like(params)
+        self.h_parts = torch.empty(split, S, N_PARAMS, dtype=params.dtype, device=params.device)
+        self.out = self.h_parts[0] if split == 1 else torch.empty_like(params)
+        self.losses = self.loss_parts[0] if split == 1 else torch.empty(S, 2, dtype=params.dtype,
+                                                                        device=params.device)
+        self.rows = {}  # batch size -> (DXT, GL) [S, B, 2] per-row hand-over between the pass-2 kernels
+
+    def fits(self, params: Tensor, split: int) -> bool:
+        return (self.split == split and self.u_parts.shape[1] == params.shape[0]
+                and self.u_parts.dtype == params.dtype and self.u_parts.device == params.device)
+
+    def row_buffers(self, B: int):
+        if B not in self.rows:
+            S = self.u_parts.shape[1]
+            kw = dict(dtype=self.u_parts.dtype, device=self.u_parts.device)
+            self.rows[B] = (torch.empty(S, B, 2, **kw), torch.empty(S, B, 2, **kw))
+        return self.rows[B]
+
+
+def direction(params: Tensor, x_real: Tensor, z: Tensor, gamma: Optional[float], *, precision: str = "ieee",
+              tile: int = 16, split: int = 1, num_warps: int = 4, reload: bool = False,
+              workspace: Optional[Workspace] = None):
+    """The loss-form update direction of S MoG runs: u (``gamma=None``, SimGA) or u + gamma J_u^T u (ConOpt).
+
+    ``params`` [S, 2003] (numgan.mog_fused layout), ``x_real`` [S, B, 2], ``z`` [S, B, 16]. ``split``
+    programs share each seed's rows (their partial sums are added in a fixed order); ``tile`` rows are
+    processed at a time. The defaults were the fastest float32 setting timed on an H100 (256 seeds, 512
+    rows; with "tf32", tile=32 and split=16 were fastest).
+    ``precision``: see the module docstring. ``reload`` reads the weights once per tile instead of once per
+    program (fewer live registers). Returns (direction [S, 2003], losses [S, 2] = per-seed (L_D, L_G) of the
+    minibatch); both live in ``workspace`` (made if None) and are overwritten by the next call.
+    """
+    _check_inputs(params, x_real, z, precision, tile, split)
+    ws = workspace if workspace is not None and workspace.fits(params, split) else Workspace(params, split)
+    S, B = x_real.shape[0], x_real.shape[1]
+    rows = -(-B // split)
+    rows = -(-rows // tile) * tile  # whole tiles per program
+    grid = (S, split)
+    _grad_kernel[grid](params, x_real, z, ws.u_parts, ws.loss_parts, S, B, rows, 1.0 / B,
+                       T=tile, PREC=precision, RELOAD=reload, num_warps=num_warps)
+    if split > 1:
+        torch.sum(ws.u_parts, 0, out=ws.u)
+        torch.sum(ws.loss_parts, 0, out=ws.losses)
+    if gamma is None:
+        return ws.u, ws.losses
+    dxt, gl = ws.row_buffers(B)
+    final = split == 1
+    _hvp_real_kernel[grid](params, ws.u, x_real, ws.h_parts, S, B, rows, 1.0 / B,
+                           T=tile, PREC=precision, RELOAD=reload, num_warps=num_warps)
+    _hvp_fake_kernel[grid](params, ws.u, z, ws.h_parts, dxt, gl, S, B, rows, 1.0 / B, float(gamma),
+                           T=tile, PREC=precision, FINAL=final, num_warps=num_warps)
+    _hvp_g_kernel[grid](params, ws.u, z, ws.h_parts, dxt, gl, S, B, rows, float(gamma),
+                        T=tile, PREC=precision, FINAL=final, RELOAD=reload, num_warps=num_warps)
+    if split > 1:
+        torch.sum(ws.h_parts, 0, out=ws.out)
+        ws.out.mul_(gamma).add_(ws.u)
+    return ws.out, ws.losses
