@@ -186,6 +186,8 @@ def _geometry(size, kernel_size: int, stride: int, padding, layout: str = "pqc")
         raise ValueError(f"unknown column layout {layout!r}; choose one of {_LAYOUTS}")
     top, bottom, left, right = (int(v) for v in padding)
     h, w = int(size[0]), int(size[1])
+    if h < 1 or w < 1:
+        raise ValueError(f"image size must be positive, got {h}x{w}")
     ho, wo = (h + top + bottom - k) // s + 1, (w + left + right - k) // s + 1
     if ho < 1 or wo < 1:
         raise ValueError(f"a {k}x{k} kernel does not fit in a {h}x{w} image padded by {tuple(padding)}")

@@ -539,7 +539,8 @@ class FusedMoG:
     ``params`` and ``square_avg`` are plain tensors that the step updates in place. ``backend`` "torch"
     computes the direction with the batched matrix products of this module; "triton" with the on-chip
     kernels of numgan.mog_triton (CUDA, float32; ``triton_options`` are passed to
-    ``mog_triton.direction``: precision, tile, split, num_warps). Both compute the same function.
+    ``mog_triton.direction``: precision, tile, split, num_warps, reload). Both compute the same function
+    (with the default float32 precision).
     """
 
     def __init__(self, params: Tensor, method: str = "conopt", gamma: float = 10.0, lr: float = 1e-4,
@@ -568,6 +569,10 @@ class FusedMoG:
                                  "use backend='torch' on the CPU")
             if self.params.dtype != torch.float32 and not mog_triton.interpreted():
                 raise ValueError(f"backend='triton' computes in float32, got {self.params.dtype}")
+            unknown = set(self.triton_options) - {"precision", "tile", "split", "num_warps", "reload"}
+            if unknown:
+                raise ValueError(f"unknown triton_options {sorted(unknown)}; numgan.mog_triton.direction takes "
+                                 "precision, tile, split, num_warps, reload")
 
     @property
     def n_seeds(self) -> int:
@@ -591,7 +596,7 @@ class FusedMoG:
                 self._plan = mog_triton.Workspace(self.params, split)
             g, ls = mog_triton.direction(self.params, x_real.contiguous(), z.contiguous(), gamma,
                                          workspace=self._plan, **self.triton_options)
-            return g, ((ls[:, 0], ls[:, 1]) if losses else None)
+            return g, ((ls[:, 0].clone(), ls[:, 1].clone()) if losses else None)
         if self._plan is None or self._plan.B != B:
             self._plan = _StepPlan(self.params, S, B)
         g = self._plan.run(x_real, z, gamma)

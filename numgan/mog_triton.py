@@ -54,8 +54,11 @@ from .mog_fused import N_G, N_PARAMS, X_DIM, Z_DIM
 try:  # Triton ships with the Linux CUDA wheels of torch; elsewhere the torch engines are used
     import triton
     import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is absent
+except Exception:  # noqa: BLE001 - any import failure means "no Triton" (pragma: no cover)
     triton = None
+
+# triton.jit reads TRITON_INTERPRET when the kernels below are decorated, i.e. at import: so do we
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 
@@ -68,7 +71,7 @@ def available() -> bool:
 
 def interpreted() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
-    return available() and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return available() and _INTERPRET
 
 
 if triton is not None:
@@ -590,6 +593,11 @@ def _check_inputs(params: Tensor, x_real: Tensor, z: Tensor, precision: str, til
     S = params.shape[0]
     if x_real.dim() != 3 or x_real.shape[0] != S or x_real.shape[2] != X_DIM:
         raise ValueError(f"x_real must be [S={S}, B, {X_DIM}], got {tuple(x_real.shape)}")
+    if S < 1 or x_real.shape[1] < 1:
+        raise ValueError(f"need at least one seed and one row, got S={S}, B={x_real.shape[1]}")
+    if S * x_real.shape[1] * Z_DIM >= 2 ** 31:
+        raise ValueError(f"S x B = {S} x {x_real.shape[1]} rows overflow the kernels' int32 offsets; "
+                         "split the seeds over several engines")
     if z.shape != (S, x_real.shape[1], Z_DIM):
         raise ValueError(f"z must be [S={S}, B={x_real.shape[1]}, {Z_DIM}], got {tuple(z.shape)}")
     if not (params.dtype == x_real.dtype == z.dtype) or params.dtype not in (torch.float32, torch.float64):
@@ -598,6 +606,11 @@ def _check_inputs(params: Tensor, x_real: Tensor, z: Tensor, precision: str, til
     if params.device.type != "cuda" and not interpreted():
         raise ValueError("the Triton MoG kernels run on CUDA tensors (or on the CPU under TRITON_INTERPRET=1); "
                          f"got {params.device}; use numgan.mog_fused there")
+    if not (params.device == x_real.device == z.device):
+        raise ValueError(f"params, x_real and z must be on one device, got {params.device}, {x_real.device}, "
+                         f"{z.device}")
+    if params.dtype != torch.float32 and not interpreted():
+        raise ValueError(f"the Triton MoG kernels compute in float32 on CUDA, got {params.dtype}")
     for name, t in (("params", params), ("x_real", x_real), ("z", z)):
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
@@ -639,8 +652,10 @@ def direction(params: Tensor, x_real: Tensor, z: Tensor, gamma: Optional[float],
     programs share each seed's rows (their partial sums are added in a fixed order); ``tile`` rows are
     processed at a time. The defaults were the fastest float32 setting timed on an H100 (256 seeds, 512
     rows; with "tf32", tile=32 and split=16 were fastest).
-    ``precision``: see the module docstring. ``reload`` reads the weights once per tile instead of once per
-    program (fewer live registers). Returns (direction [S, 2003], losses [S, 2] = per-seed (L_D, L_G) of the
+    ``precision``: see the module docstring. ``reload`` makes the gradient, real-row and G kernels read the
+    weights once per tile instead of once per program (the fake-row kernel always reads them per tile).
+    Float scalars (1/B, gamma) reach the kernels as float32, so under the float64 interpreter 1/B is rounded
+    to float32 unless B is a power of two. Returns (direction [S, 2003], losses [S, 2] = per-seed (L_D, L_G) of the
     minibatch); both live in ``workspace`` (made if None) and are overwritten by the next call.
     """
     _check_inputs(params, x_real, z, precision, tile, split)
