@@ -564,15 +564,7 @@ class FusedMoG:
             if not mog_triton.available():
                 raise ValueError("backend='triton' needs Triton (shipped with the Linux CUDA wheels of torch); "
                                  "use backend='torch'")
-            if self.params.device.type != "cuda" and not mog_triton.interpreted():
-                raise ValueError(f"backend='triton' runs on CUDA tensors, got {self.params.device}; "
-                                 "use backend='torch' on the CPU")
-            if self.params.dtype != torch.float32 and not mog_triton.interpreted():
-                raise ValueError(f"backend='triton' computes in float32, got {self.params.dtype}")
-            unknown = set(self.triton_options) - {"precision", "tile", "split", "num_warps", "reload"}
-            if unknown:
-                raise ValueError(f"unknown triton_options {sorted(unknown)}; numgan.mog_triton.direction takes "
-                                 "precision, tile, split, num_warps, reload")
+            mog_triton.check_engine(self.params, self.triton_options)
 
     @property
     def n_seeds(self) -> int:
@@ -591,9 +583,8 @@ class FusedMoG:
         gamma = self.gamma if self.method == "conopt" else None
         if self.backend == "triton":
             from . import mog_triton
-            split = self.triton_options.get("split", 1)
-            if self._plan is None or not self._plan.fits(self.params, split):
-                self._plan = mog_triton.Workspace(self.params, split)
+            if self._plan is None:
+                self._plan = mog_triton.Workspace(self.params)
             g, ls = mog_triton.direction(self.params, x_real.contiguous(), z.contiguous(), gamma,
                                          workspace=self._plan, **self.triton_options)
             return g, ((ls[:, 0].clone(), ls[:, 1].clone()) if losses else None)

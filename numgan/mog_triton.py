@@ -44,6 +44,7 @@ interpreter (tests) every product is exact numpy arithmetic in the input dtype.
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -129,6 +130,47 @@ if triton is not None:
         return V0, c0, V1, c1, V2, c2, V3, c3, V4, c4
 
     @triton.jit
+    def _zeros_net(P):
+        """Five zero weight blocks and bias vectors, interleaved as _ldG / _ldD return them (accumulators)."""
+        w = tl.zeros([16, 16], P.dtype.element_ty)
+        b = tl.zeros([16], P.dtype.element_ty)
+        return w, b, w, b, w, b, w, b, w, b
+
+    @triton.jit
+    def _put(o, q, OFF: tl.constexpr, IN: tl.constexpr, OUT: tl.constexpr, w, b, gam,
+             ADD: tl.constexpr, FINAL: tl.constexpr):
+        """Write a layer block (w, b) at o: with ADD, first add what o holds (an earlier kernel's part); with
+        FINAL, write u + gam * (w, b) instead, u read from q (the finished ConOpt direction)."""
+        if ADD:
+            i = tl.arange(0, 16)[:, None]
+            j = tl.arange(0, 16)[None, :]
+            c = tl.arange(0, 16)
+            w = w + tl.load(o + OFF + i * OUT + j, mask=(i < IN) & (j < OUT), other=0.0)
+            b = b + tl.load(o + OFF + IN * OUT + c, mask=c < OUT, other=0.0)
+        if FINAL:
+            _st_combo(o, q, OFF, IN, OUT, w, b, gam)
+        else:
+            _st(o, OFF, IN, OUT, w, b)
+
+    @triton.jit
+    def _putG(o, q, W0, b0, W1, b1, W2, b2, W3, b3, W4, b4, gam, ADD: tl.constexpr, FINAL: tl.constexpr):
+        """G's five layer blocks through :func:`_put` (the layout _ldG reads)."""
+        _put(o, q, 0, 16, 16, W0, b0, gam, ADD, FINAL)
+        _put(o, q, 272, 16, 16, W1, b1, gam, ADD, FINAL)
+        _put(o, q, 544, 16, 16, W2, b2, gam, ADD, FINAL)
+        _put(o, q, 816, 16, 16, W3, b3, gam, ADD, FINAL)
+        _put(o, q, 1088, 16, 2, W4, b4, gam, ADD, FINAL)
+
+    @triton.jit
+    def _putD(o, q, V0, c0, V1, c1, V2, c2, V3, c3, V4, c4, gam, ADD: tl.constexpr, FINAL: tl.constexpr):
+        """D's five layer blocks through :func:`_put` (the layout _ldD reads)."""
+        _put(o, q, 1122, 2, 16, V0, c0, gam, ADD, FINAL)
+        _put(o, q, 1170, 16, 16, V1, c1, gam, ADD, FINAL)
+        _put(o, q, 1442, 16, 16, V2, c2, gam, ADD, FINAL)
+        _put(o, q, 1714, 16, 16, V3, c3, gam, ADD, FINAL)
+        _put(o, q, 1986, 16, 1, V4, c4, gam, ADD, FINAL)
+
+    @triton.jit
     def _mm(a, b, PREC: tl.constexpr):
         return tl.dot(a, b, input_precision=PREC)
 
@@ -160,6 +202,15 @@ if triton is not None:
         return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
 
     @triton.jit
+    def _hidden(x, W0, b0, W1, b1, W2, b2, W3, b3, PREC: tl.constexpr):
+        """The four hidden ReLU layers of a MoG MLP on rows x: their outputs (the inputs of layers 1-4)."""
+        h1 = _relu(_lin(x, W0, b0, PREC))
+        h2 = _relu(_lin(h1, W1, b1, PREC))
+        h3 = _relu(_lin(h2, W2, b2, PREC))
+        h4 = _relu(_lin(h3, W3, b3, PREC))
+        return h1, h2, h3, h4
+
+    @triton.jit
     def _load_rows(ptr, s, B, rows, rmask, WIDTH: tl.constexpr):
         cols = tl.arange(0, 16)[None, :]
         return tl.load(ptr + (s * B + rows)[:, None] * WIDTH + cols, mask=rmask[:, None] & (cols < WIDTH), other=0.0)
@@ -176,26 +227,8 @@ if triton is not None:
         if not RELOAD:
             W0, b0, W1, b1, W2, b2, W3, b3, W4, b4 = _ldG(p)
             V0, c0, V1, c1, V2, c2, V3, c3, V4, c4 = _ldD(p)
-        gW0 = tl.zeros([16, 16], P.dtype.element_ty)
-        gW1 = tl.zeros([16, 16], P.dtype.element_ty)
-        gW2 = tl.zeros([16, 16], P.dtype.element_ty)
-        gW3 = tl.zeros([16, 16], P.dtype.element_ty)
-        gW4 = tl.zeros([16, 16], P.dtype.element_ty)
-        gV0 = tl.zeros([16, 16], P.dtype.element_ty)
-        gV1 = tl.zeros([16, 16], P.dtype.element_ty)
-        gV2 = tl.zeros([16, 16], P.dtype.element_ty)
-        gV3 = tl.zeros([16, 16], P.dtype.element_ty)
-        gV4 = tl.zeros([16, 16], P.dtype.element_ty)
-        gb0 = tl.zeros([16], P.dtype.element_ty)
-        gb1 = tl.zeros([16], P.dtype.element_ty)
-        gb2 = tl.zeros([16], P.dtype.element_ty)
-        gb3 = tl.zeros([16], P.dtype.element_ty)
-        gb4 = tl.zeros([16], P.dtype.element_ty)
-        gc0 = tl.zeros([16], P.dtype.element_ty)
-        gc1 = tl.zeros([16], P.dtype.element_ty)
-        gc2 = tl.zeros([16], P.dtype.element_ty)
-        gc3 = tl.zeros([16], P.dtype.element_ty)
-        gc4 = tl.zeros([16], P.dtype.element_ty)
+        gW0, gb0, gW1, gb1, gW2, gb2, gW3, gb3, gW4, gb4 = _zeros_net(P)
+        gV0, gc0, gV1, gc1, gV2, gc2, gV3, gc3, gV4, gc4 = _zeros_net(P)
         sum_ld = tl.zeros([T], P.dtype.element_ty)
         sum_lg = tl.zeros([T], P.dtype.element_ty)
         col0 = (tl.arange(0, 16) == 0)[None, :]
@@ -210,10 +243,7 @@ if triton is not None:
             live = tl.where(rmask, inv_b, 0.0)  # 1/B on real rows of this tile, 0 on padding rows
             # ---- real rows: D forward, L_D backward ----
             e0 = _load_rows(XR, s, B, rows, rmask, 2)
-            e1 = _relu(_lin(e0, V0, c0, PREC))
-            e2 = _relu(_lin(e1, V1, c1, PREC))
-            e3 = _relu(_lin(e2, V2, c2, PREC))
-            e4 = _relu(_lin(e3, V3, c3, PREC))
+            e1, e2, e3, e4 = _hidden(e0, V0, c0, V1, c1, V2, c2, V3, c3, PREC)
             d = tl.sum(_lin(e4, V4, c4, PREC), axis=1)
             sum_ld += tl.where(rmask, _softplus(-d), 0.0)
             dl = tl.where(col0, ((tl.sigmoid(d) - 1.0) * live)[:, None], 0.0)
@@ -233,16 +263,10 @@ if triton is not None:
             gc0 += tl.sum(dl, axis=0)
             # ---- G forward ----
             a0 = _load_rows(Z, s, B, rows, rmask, 16)
-            a1 = _relu(_lin(a0, W0, b0, PREC))
-            a2 = _relu(_lin(a1, W1, b1, PREC))
-            a3 = _relu(_lin(a2, W2, b2, PREC))
-            a4 = _relu(_lin(a3, W3, b3, PREC))
+            a1, a2, a3, a4 = _hidden(a0, W0, b0, W1, b1, W2, b2, W3, b3, PREC)
             f0 = _lin(a4, W4, b4, PREC)
             # ---- fake rows: D forward; beta = backprop of a unit logit delta ----
-            f1 = _relu(_lin(f0, V0, c0, PREC))
-            f2 = _relu(_lin(f1, V1, c1, PREC))
-            f3 = _relu(_lin(f2, V2, c2, PREC))
-            f4 = _relu(_lin(f3, V3, c3, PREC))
+            f1, f2, f3, f4 = _hidden(f0, V0, c0, V1, c1, V2, c2, V3, c3, PREC)
             d = tl.sum(_lin(f4, V4, c4, PREC), axis=1)
             sum_ld += tl.where(rmask, _softplus(d), 0.0)
             sum_lg += tl.where(rmask, _softplus(-d), 0.0)
@@ -281,16 +305,8 @@ if triton is not None:
             gW0 += _mmT(a0, gl, PREC)
             gb0 += tl.sum(gl, axis=0)
         o = OUT + (k * S + s) * 2003
-        _st(o, 0, 16, 16, gW0, gb0)
-        _st(o, 272, 16, 16, gW1, gb1)
-        _st(o, 544, 16, 16, gW2, gb2)
-        _st(o, 816, 16, 16, gW3, gb3)
-        _st(o, 1088, 16, 2, gW4, gb4)
-        _st(o, 1122, 2, 16, gV0, gc0)
-        _st(o, 1170, 16, 16, gV1, gc1)
-        _st(o, 1442, 16, 16, gV2, gc2)
-        _st(o, 1714, 16, 16, gV3, gc3)
-        _st(o, 1986, 16, 1, gV4, gc4)
+        _putG(o, o, gW0, gb0, gW1, gb1, gW2, gb2, gW3, gb3, gW4, gb4, 0.0, False, False)
+        _putD(o, o, gV0, gc0, gV1, gc1, gV2, gc2, gV3, gc3, gV4, gc4, 0.0, False, False)
         lo = LOSS + (k * S + s) * 2
         tl.store(lo, tl.sum(sum_ld, axis=0) * inv_b)
         tl.store(lo + 1, tl.sum(sum_lg, axis=0) * inv_b)
@@ -310,16 +326,7 @@ if triton is not None:
         if not RELOAD:
             V0, c0, V1, c1, V2, c2, V3, c3, V4, c4 = _ldD(p)
             tV0, tc0, tV1, tc1, tV2, tc2, tV3, tc3, tV4, tc4 = _ldD(q)
-        hV0 = tl.zeros([16, 16], P.dtype.element_ty)
-        hV1 = tl.zeros([16, 16], P.dtype.element_ty)
-        hV2 = tl.zeros([16, 16], P.dtype.element_ty)
-        hV3 = tl.zeros([16, 16], P.dtype.element_ty)
-        hV4 = tl.zeros([16, 16], P.dtype.element_ty)
-        hc0 = tl.zeros([16], P.dtype.element_ty)
-        hc1 = tl.zeros([16], P.dtype.element_ty)
-        hc2 = tl.zeros([16], P.dtype.element_ty)
-        hc3 = tl.zeros([16], P.dtype.element_ty)
-        hc4 = tl.zeros([16], P.dtype.element_ty)
+        hV0, hc0, hV1, hc1, hV2, hc2, hV3, hc3, hV4, hc4 = _zeros_net(P)
         col0 = (tl.arange(0, 16) == 0)[None, :]
         start = k * rows_per_prog
         stop = tl.minimum(start + rows_per_prog, B)
@@ -331,10 +338,7 @@ if triton is not None:
             rmask = rows < stop
             live = tl.where(rmask, inv_b, 0.0)
             e0 = _load_rows(XR, s, B, rows, rmask, 2)
-            e1 = _relu(_lin(e0, V0, c0, PREC))
-            e2 = _relu(_lin(e1, V1, c1, PREC))
-            e3 = _relu(_lin(e2, V2, c2, PREC))
-            e4 = _relu(_lin(e3, V3, c3, PREC))
+            e1, e2, e3, e4 = _hidden(e0, V0, c0, V1, c1, V2, c2, V3, c3, PREC)
             d = tl.sum(_lin(e4, V4, c4, PREC), axis=1)
             sig = tl.sigmoid(d)
             # tangent forward (D-parameter tangent)
@@ -364,25 +368,7 @@ if triton is not None:
             hV0 += _mmT(e0, dt, PREC)
             hc0 += tl.sum(dt, axis=0)
         o = OUT + (k * S + s) * 2003
-        _st(o, 1122, 2, 16, hV0, hc0)
-        _st(o, 1170, 16, 16, hV1, hc1)
-        _st(o, 1442, 16, 16, hV2, hc2)
-        _st(o, 1714, 16, 16, hV3, hc3)
-        _st(o, 1986, 16, 1, hV4, hc4)
-
-    @triton.jit
-    def _add_st(o, q, OFF: tl.constexpr, IN: tl.constexpr, OUT: tl.constexpr, w, b, gam, FINAL: tl.constexpr):
-        """o <- o + (w, b) (the real-row part is already in o); with FINAL, o <- u + gam * that (u from q)."""
-        i = tl.arange(0, 16)[:, None]
-        j = tl.arange(0, 16)[None, :]
-        m = (i < IN) & (j < OUT)
-        c = tl.arange(0, 16)
-        w = w + tl.load(o + OFF + i * OUT + j, mask=m, other=0.0)
-        b = b + tl.load(o + OFF + IN * OUT + c, mask=c < OUT, other=0.0)
-        if FINAL:
-            _st_combo(o, q, OFF, IN, OUT, w, b, gam)
-        else:
-            _st(o, OFF, IN, OUT, w, b)
+        _putD(o, o, hV0, hc0, hV1, hc1, hV2, hc2, hV3, hc3, hV4, hc4, 0.0, False, False)
 
     @triton.jit
     def _hvp_fake_kernel(P, U, Z, OUT, DXT, GL, S, B, rows_per_prog, inv_b, gam,
@@ -394,16 +380,7 @@ if triton is not None:
         k = tl.program_id(1)
         p = P + s * 2003
         q = U + s * 2003
-        hV0 = tl.zeros([16, 16], tl.float32).to(P.dtype.element_ty)
-        hV1 = tl.zeros_like(hV0)
-        hV2 = tl.zeros_like(hV0)
-        hV3 = tl.zeros_like(hV0)
-        hV4 = tl.zeros_like(hV0)
-        hc0 = tl.zeros([16], tl.float32).to(P.dtype.element_ty)
-        hc1 = tl.zeros_like(hc0)
-        hc2 = tl.zeros_like(hc0)
-        hc3 = tl.zeros_like(hc0)
-        hc4 = tl.zeros_like(hc0)
+        hV0, hc0, hV1, hc1, hV2, hc2, hV3, hc3, hV4, hc4 = _zeros_net(P)
         col0 = (tl.arange(0, 16) == 0)[None, :]
         cols = tl.arange(0, 16)[None, :]
         start = k * rows_per_prog
@@ -440,10 +417,7 @@ if triton is not None:
             V2, c2 = _ld(p, 1442, 16, 16)
             V3, c3 = _ld(p, 1714, 16, 16)
             V4, c4 = _ld(p, 1986, 16, 1)
-            f1 = _relu(_lin(f0, V0, c0, PREC))
-            f2 = _relu(_lin(f1, V1, c1, PREC))
-            f3 = _relu(_lin(f2, V2, c2, PREC))
-            f4 = _relu(_lin(f3, V3, c3, PREC))
+            f1, f2, f3, f4 = _hidden(f0, V0, c0, V1, c1, V2, c2, V3, c3, PREC)
             d = tl.sum(_lin(f4, V4, c4, PREC), axis=1)
             sig = tl.sigmoid(d)
             s_d = (sig * live)[:, None]
@@ -499,11 +473,7 @@ if triton is not None:
             tl.store(DXT + off, dxt, mask=m2)
             tl.store(GL + off, gl, mask=m2)
         o = OUT + (k * S + s) * 2003
-        _add_st(o, q, 1122, 2, 16, hV0, hc0, gam, FINAL)
-        _add_st(o, q, 1170, 16, 16, hV1, hc1, gam, FINAL)
-        _add_st(o, q, 1442, 16, 16, hV2, hc2, gam, FINAL)
-        _add_st(o, q, 1714, 16, 16, hV3, hc3, gam, FINAL)
-        _add_st(o, q, 1986, 16, 1, hV4, hc4, gam, FINAL)
+        _putD(o, q, hV0, hc0, hV1, hc1, hV2, hc2, hV3, hc3, hV4, hc4, gam, True, FINAL)
 
     @triton.jit
     def _hvp_g_kernel(P, U, Z, OUT, DXT, GL, S, B, rows_per_prog, gam,
@@ -517,16 +487,7 @@ if triton is not None:
         if not RELOAD:
             W0, b0, W1, b1, W2, b2, W3, b3, W4, b4 = _ldG(p)
             tW0, tb0, tW1, tb1, tW2, tb2, tW3, tb3, tW4, tb4 = _ldG(q)
-        hW0 = tl.zeros([16, 16], P.dtype.element_ty)
-        hW1 = tl.zeros([16, 16], P.dtype.element_ty)
-        hW2 = tl.zeros([16, 16], P.dtype.element_ty)
-        hW3 = tl.zeros([16, 16], P.dtype.element_ty)
-        hW4 = tl.zeros([16, 16], P.dtype.element_ty)
-        hb0 = tl.zeros([16], P.dtype.element_ty)
-        hb1 = tl.zeros([16], P.dtype.element_ty)
-        hb2 = tl.zeros([16], P.dtype.element_ty)
-        hb3 = tl.zeros([16], P.dtype.element_ty)
-        hb4 = tl.zeros([16], P.dtype.element_ty)
+        hW0, hb0, hW1, hb1, hW2, hb2, hW3, hb3, hW4, hb4 = _zeros_net(P)
         start = k * rows_per_prog
         stop = tl.minimum(start + rows_per_prog, B)
         for r0 in range(start, stop, T):
@@ -536,10 +497,7 @@ if triton is not None:
             rows = r0 + tl.arange(0, T)
             rmask = rows < stop
             a0 = _load_rows(Z, s, B, rows, rmask, 16)
-            a1 = _relu(_lin(a0, W0, b0, PREC))
-            a2 = _relu(_lin(a1, W1, b1, PREC))
-            a3 = _relu(_lin(a2, W2, b2, PREC))
-            a4 = _relu(_lin(a3, W3, b3, PREC))
+            a1, a2, a3, a4 = _hidden(a0, W0, b0, W1, b1, W2, b2, W3, b3, PREC)
             ta1 = _on(_lin(a0, tW0, tb0, PREC), a1)
             ta2 = _on(_mm(ta1, W1, PREC) + _lin(a1, tW1, tb1, PREC), a2)
             ta3 = _on(_mm(ta2, W2, PREC) + _lin(a2, tW2, tb2, PREC), a3)
@@ -564,18 +522,23 @@ if triton is not None:
             hW0 += _mmT(a0, dt, PREC)
             hb0 += tl.sum(dt, axis=0)
         o = OUT + (k * S + s) * 2003
-        if FINAL:
-            _st_combo(o, q, 0, 16, 16, hW0, hb0, gam)
-            _st_combo(o, q, 272, 16, 16, hW1, hb1, gam)
-            _st_combo(o, q, 544, 16, 16, hW2, hb2, gam)
-            _st_combo(o, q, 816, 16, 16, hW3, hb3, gam)
-            _st_combo(o, q, 1088, 16, 2, hW4, hb4, gam)
-        else:
-            _st(o, 0, 16, 16, hW0, hb0)
-            _st(o, 272, 16, 16, hW1, hb1)
-            _st(o, 544, 16, 16, hW2, hb2)
-            _st(o, 816, 16, 16, hW3, hb3)
-            _st(o, 1088, 16, 2, hW4, hb4)
+        _putG(o, q, hW0, hb0, hW1, hb1, hW2, hb2, hW3, hb3, hW4, hb4, gam, False, FINAL)
+
+
+OPTIONS = ("precision", "tile", "split", "num_warps", "reload")  # the keyword options of direction()
+
+
+def check_engine(params: Tensor, options: dict) -> None:
+    """ValueError unless ``params`` can run here (CUDA and float32, or anything under the interpreter) and
+    ``options`` are keyword options of :func:`direction` (``OPTIONS``)."""
+    if params.device.type != "cuda" and not interpreted():
+        raise ValueError("the Triton MoG kernels run on CUDA tensors (or on the CPU under TRITON_INTERPRET=1); "
+                         f"got {params.device}; use numgan.mog_fused there")
+    if params.dtype != torch.float32 and not interpreted():
+        raise ValueError(f"the Triton MoG kernels compute in float32 on CUDA, got {params.dtype}")
+    unknown = set(options) - set(OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown Triton options {sorted(unknown)}; numgan.mog_triton.direction takes {OPTIONS}")
 
 
 def _check_inputs(params: Tensor, x_real: Tensor, z: Tensor, precision: str, tile: int, split: int):
@@ -603,44 +566,43 @@ def _check_inputs(params: Tensor, x_real: Tensor, z: Tensor, precision: str, til
     if not (params.dtype == x_real.dtype == z.dtype) or params.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"params, x_real and z must share a dtype (float32; float64 in the interpreter), got "
                          f"{params.dtype}, {x_real.dtype}, {z.dtype}")
-    if params.device.type != "cuda" and not interpreted():
-        raise ValueError("the Triton MoG kernels run on CUDA tensors (or on the CPU under TRITON_INTERPRET=1); "
-                         f"got {params.device}; use numgan.mog_fused there")
+    check_engine(params, {})
     if not (params.device == x_real.device == z.device):
         raise ValueError(f"params, x_real and z must be on one device, got {params.device}, {x_real.device}, "
                          f"{z.device}")
-    if params.dtype != torch.float32 and not interpreted():
-        raise ValueError(f"the Triton MoG kernels compute in float32 on CUDA, got {params.dtype}")
     for name, t in (("params", params), ("x_real", x_real), ("z", z)):
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
 
 
 class Workspace:
-    """Output buffers of :func:`direction` for one (S, B, split) (fixed addresses, as CUDA graphs need)."""
+    """Output buffers of :func:`direction` for S runs of ``params``' dtype and device, one set per (split, B),
+    made on first use and kept (fixed addresses, as CUDA graphs need)."""
 
-    def __init__(self, params: Tensor, split: int):
-        S = params.shape[0]
-        self.split = split
-        self.u_parts = torch.empty(split, S, N_PARAMS, dtype=params.dtype, device=params.device)
-        self.loss_parts = torch.empty(split, S, 2, dtype=params.dtype, device=params.device)
-        self.u = self.u_parts[0] if split == 1 else torch.empty_like(params)
-        self.h_parts = torch.empty(split, S, N_PARAMS, dtype=params.dtype, device=params.device)
-        self.out = self.h_parts[0] if split == 1 else torch.empty_like(params)
-        self.losses = self.loss_parts[0] if split == 1 else torch.empty(S, 2, dtype=params.dtype,
-                                                                        device=params.device)
-        self.rows = {}  # batch size -> (DXT, GL) [S, B, 2] per-row hand-over between the pass-2 kernels
+    def __init__(self, params: Tensor):
+        self.S, self.dtype, self.device = params.shape[0], params.dtype, params.device
+        self._sets = {}
 
-    def fits(self, params: Tensor, split: int) -> bool:
-        return (self.split == split and self.u_parts.shape[1] == params.shape[0]
-                and self.u_parts.dtype == params.dtype and self.u_parts.device == params.device)
+    def fits(self, params: Tensor) -> bool:
+        return (self.S, self.dtype, self.device) == (params.shape[0], params.dtype, params.device)
 
-    def row_buffers(self, B: int):
-        if B not in self.rows:
-            S = self.u_parts.shape[1]
-            kw = dict(dtype=self.u_parts.dtype, device=self.u_parts.device)
-            self.rows[B] = (torch.empty(S, B, 2, **kw), torch.empty(S, B, 2, **kw))
-        return self.rows[B]
+    def buffers(self, split: int, B: int) -> SimpleNamespace:
+        """u_parts / h_parts [split, S, 2003] and loss_parts [split, S, 2] (per-program partial sums), their
+        sums u, out, losses (views of part 0 when split == 1), and dxt, gl [S, B, 2] (the per-row hand-over
+        between the pass-2 kernels)."""
+        if (split, B) not in self._sets:
+            kw = dict(dtype=self.dtype, device=self.device)
+            S = self.S
+            b = SimpleNamespace(u_parts=torch.empty(split, S, N_PARAMS, **kw),
+                                h_parts=torch.empty(split, S, N_PARAMS, **kw),
+                                loss_parts=torch.empty(split, S, 2, **kw),
+                                dxt=torch.empty(S, B, 2, **kw), gl=torch.empty(S, B, 2, **kw))
+            one = split == 1
+            b.u = b.u_parts[0] if one else torch.empty(S, N_PARAMS, **kw)
+            b.out = b.h_parts[0] if one else torch.empty(S, N_PARAMS, **kw)
+            b.losses = b.loss_parts[0] if one else torch.empty(S, 2, **kw)
+            self._sets[(split, B)] = b
+        return self._sets[(split, B)]
 
 
 def direction(params: Tensor, x_real: Tensor, z: Tensor, gamma: Optional[float], *, precision: str = "ieee",
@@ -659,8 +621,8 @@ def direction(params: Tensor, x_real: Tensor, z: Tensor, gamma: Optional[float],
     minibatch); both live in ``workspace`` (made if None) and are overwritten by the next call.
     """
     _check_inputs(params, x_real, z, precision, tile, split)
-    ws = workspace if workspace is not None and workspace.fits(params, split) else Workspace(params, split)
     S, B = x_real.shape[0], x_real.shape[1]
+    ws = (workspace if workspace is not None and workspace.fits(params) else Workspace(params)).buffers(split, B)
     rows = -(-B // split)
     rows = -(-rows // tile) * tile  # whole tiles per program
     grid = (S, split)
@@ -671,13 +633,12 @@ def direction(params: Tensor, x_real: Tensor, z: Tensor, gamma: Optional[float],
         torch.sum(ws.loss_parts, 0, out=ws.losses)
     if gamma is None:
         return ws.u, ws.losses
-    dxt, gl = ws.row_buffers(B)
     final = split == 1
     _hvp_real_kernel[grid](params, ws.u, x_real, ws.h_parts, S, B, rows, 1.0 / B,
                            T=tile, PREC=precision, RELOAD=reload, num_warps=num_warps)
-    _hvp_fake_kernel[grid](params, ws.u, z, ws.h_parts, dxt, gl, S, B, rows, 1.0 / B, float(gamma),
+    _hvp_fake_kernel[grid](params, ws.u, z, ws.h_parts, ws.dxt, ws.gl, S, B, rows, 1.0 / B, float(gamma),
                            T=tile, PREC=precision, FINAL=final, num_warps=num_warps)
-    _hvp_g_kernel[grid](params, ws.u, z, ws.h_parts, dxt, gl, S, B, rows, float(gamma),
+    _hvp_g_kernel[grid](params, ws.u, z, ws.h_parts, ws.dxt, ws.gl, S, B, rows, float(gamma),
                         T=tile, PREC=precision, FINAL=final, RELOAD=reload, num_warps=num_warps)
     if split > 1:
         torch.sum(ws.h_parts, 0, out=ws.out)
