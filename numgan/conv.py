@@ -38,21 +38,14 @@ its NCHW/NHWC conversions cost more than the im2col copies), so numgan.train use
 times both, benchmarks/bench_col2im.py the col2im kernels.
 """
 import contextlib
-import os
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:  # Triton ships with torch's Linux CUDA wheels; elsewhere (or if it fails to load) the torch path runs
-    import triton
-    import triton.language as tl
-except Exception:  # noqa: BLE001 - any import failure means "no Triton", never a crash at import
-    triton = tl = None
+from ._triton import INTERPRET as _INTERPRET, tl, triton  # None without Triton: the torch path runs
 
-# TRITON_INTERPRET=1 (read by triton.jit when the kernels below are decorated) runs them on CPU tensors too
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 use_triton = True   # set False to force the pure-torch im2col / col2im (e.g. to compare)
 
 
@@ -310,11 +303,6 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def _max_offset(t: Tensor) -> int:
     return sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 0)
-
-
-def triton_available() -> bool:
-    """Whether Triton could be imported (its kernels then run on CUDA tensors, or on any under TRITON_INTERPRET=1)."""
-    return triton is not None
 
 
 def _use_triton(t: Tensor, n_out: int) -> bool:

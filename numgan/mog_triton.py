@@ -43,23 +43,14 @@ interpreter (tests) every product is exact numpy arithmetic in the input dtype.
 """
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from ._triton import INTERPRET as _INTERPRET, tl, triton  # None without Triton: the torch engines run
 from .mog_fused import N_G, N_PARAMS, X_DIM, Z_DIM
-
-try:  # Triton ships with the Linux CUDA wheels of torch; elsewhere the torch engines are used
-    import triton
-    import triton.language as tl
-except Exception:  # noqa: BLE001 - any import failure means "no Triton" (pragma: no cover)
-    triton = None
-
-# triton.jit reads TRITON_INTERPRET when the kernels below are decorated, i.e. at import: so do we
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 
