@@ -187,6 +187,7 @@ def field_for_seed(G: EnsembleMLP, D: EnsembleMLP, index: int, x_real: torch.Ten
 
 
 ENGINES = ("auto", "autograd", "fused", "triton", "triton-tf32")
+_FUSED_ENGINES = ("fused", "triton", "triton-tf32")  # numgan.mog_fused.FusedMoG with one of its backends
 
 
 def resolve_engine(engine: str, method: str, objective: str = "standard", device=None) -> str:
@@ -202,7 +203,7 @@ def resolve_engine(engine: str, method: str, objective: str = "standard", device
     if engine not in ENGINES:
         raise ValueError(f"unknown MoG engine {engine!r}; choose one of {ENGINES}")
     ok = method in mog_fused.SUPPORTED_METHODS and objective in mog_fused.SUPPORTED_OBJECTIVES
-    if engine in ("fused", "triton", "triton-tf32") and not ok:
+    if engine in _FUSED_ENGINES and not ok:
         raise ValueError(f"the {engine} MoG engine supports methods {mog_fused.SUPPORTED_METHODS} with objective "
                          f"{mog_fused.SUPPORTED_OBJECTIVES} only, got method={method!r}, objective={objective!r}; "
                          "use engine='autograd' (or 'auto') for other settings")
@@ -281,12 +282,13 @@ def train(method: str = "conopt", n_seeds: int = 1, n_iters: int = 20_000, seed:
         hist, diverged, start, seconds = state["hist"], state["diverged"], state["iter"], state["seconds"]
 
     fused = None
-    if engine in ("fused", "triton", "triton-tf32"):
+    if engine in _FUSED_ENGINES:
         from . import mog_fused
+        options = None
+        if engine == "triton-tf32":
+            from .mog_triton import TF32_OPTIONS as options
         fused = mog_fused.FusedMoG(mog_fused.pack(G, D), method, gamma=gamma, lr=lr,
-                                   backend="torch" if engine == "fused" else "triton",
-                                   triton_options=dict(precision="tf32", tile=32, split=16)
-                                   if engine == "triton-tf32" else None)
+                                   backend="torch" if engine == "fused" else "triton", triton_options=options)
         mog_fused.load_rmsprop_state(fused, opt, G, D)
 
         def fused_step():
