@@ -157,7 +157,7 @@ class _Primal:
 
     def backward(self, out: Tensor):
         """Write u = (grad_theta L_G, grad_phi L_D) into ``out [S, 2003]``; keep the deltas."""
-        S, B, PG, PD = self.S, self.B, self.PG, self.PD
+        B, PG, PD = self.B, self.PG, self.PD
         UG, UD = layer_views(out)
         dD = [None] * N_LAYERS  # primal deltas at each D pre-activation, all 3B rows
         delta = self.delta_out

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from ._triton import INTERPRET as _INTERPRET, tl, triton  # None without Triton: the torch engines run
-from .mog_fused import N_G, N_PARAMS, X_DIM, Z_DIM
+from .mog_fused import N_PARAMS, X_DIM, Z_DIM
 
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 

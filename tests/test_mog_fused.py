@@ -3,7 +3,6 @@ import numpy as np
 import pytest
 import torch
 
-import numgan.optim
 from numgan import mog, mog_fused as mf, spectrum
 from numgan.game import grad_or_zero, half_sq_norm, player_gradients
 from numgan.optim import make_game_optimizer
