@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import common  # noqa: E402
+from numgan.activations import LeakyReLU  # noqa: E402
 from numgan.data import ImageSampler  # noqa: E402
 from numgan.models import build_models, set_conv_impl  # noqa: E402
 from numgan.train import TrainConfig, build_training, set_precision  # noqa: E402
@@ -87,6 +88,9 @@ def build(variant, method, arch, batch, images, device, seed=0, tf32=True):
         torch.manual_seed(seed)
         G, D = build_models(arch, images.shape[-1], z_dim=256, f_dim=64, channels=images.shape[1])
         G, D = G.to(device), D.to(device)
+        for m in list(G.modules()) + list(D.modules()):   # the usual port's activation: torch's own
+            if isinstance(m, LeakyReLU):
+                m.__class__ = torch.nn.LeakyReLU
         return plain_port(G, D, method, ImageSampler(images, batch, device=device, seed=seed), 256, batch), G, D
     impl, graph = VARIANTS[variant]
     cfg = TrainConfig(dataset="synthetic", arch=arch, method=method, batch_size=batch, image_size=images.shape[-1],

@@ -431,7 +431,8 @@ def col2im(cols: Tensor, size, kernel_size: int, stride: int, padding=(0, 0, 0, 
 
 
 def _weight_matrix(weight: Tensor, layout: str) -> Tensor:
-    """[A, B, k, k] -> [A, k k B] in the column layout (a copy for "pqc", a view for "cpq")."""
+    """[A, B, k, k] -> [A, k k B] in the column layout (a view for "cpq", and for "pqc" when the weight is
+    channels-last, as numgan.models.set_conv_impl stores it; a copy otherwise)."""
     if layout == "pqc":
         return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
     return weight.reshape(weight.shape[0], -1)

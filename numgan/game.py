@@ -50,9 +50,33 @@ def grad_or_zero(scalar: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
 
 
+def flat_view(t: Tensor) -> Tensor:
+    """The elements of ``t`` as a 1-D tensor in memory order: a view for any dense tensor (contiguous,
+    channels-last, transposed), a copy otherwise. Element order is irrelevant to the sums below."""
+    if t.is_contiguous():
+        return t.view(-1)
+    order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), -t.shape[d]))
+    return t.permute(order).reshape(-1)
+
+
+def flat_cat(tensors: Sequence[Tensor]) -> Tensor:
+    """All elements of ``tensors`` in one 1-D tensor (differentiable; one copy kernel)."""
+    return torch.cat([flat_view(t) for t in tensors])
+
+
 def half_sq_norm(tensors: Sequence[Tensor]) -> Tensor:
-    """L = 1/2 sum_p ||t_p||^2, the consensus term (paper Eq. 16)."""
-    return 0.5 * sum((t * t).sum() for t in tensors)
+    """L = 1/2 sum_p ||t_p||^2, the consensus term (paper Eq. 16).
+
+    Computed as one dot product of the concatenated tensors: a handful of GPU kernels forward and
+    backward instead of three per tensor (issue 4), whatever the number of parameter tensors."""
+    flat = flat_cat(tensors)
+    return 0.5 * torch.dot(flat, flat)
+
+
+def half_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """1/2 sum_p <a_p, b_p> (the unbiased consensus estimate's form, supplement Lemma 15); ``a_p`` and
+    ``b_p`` must share their memory layout (as two gradients of the same parameter do)."""
+    return 0.5 * torch.dot(flat_cat(a), flat_cat(b))
 
 
 def flat_field(loss_g_fn: Callable[[dict, dict], Tensor], loss_d_fn: Callable[[dict, dict], Tensor],

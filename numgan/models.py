@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import conv
+from .activations import LeakyReLU, leaky_relu
 
 __all__ = [
     "ARCHITECTURES",
@@ -210,7 +211,7 @@ class ResidualBlock(nn.Module):
         self.branch_init_std = branch_init_std
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        r = self.conv_out(F.leaky_relu(self.conv_in(F.leaky_relu(h, LEAK)), LEAK))
+        r = self.conv_out(leaky_relu(self.conv_in(leaky_relu(h, LEAK)), LEAK))
         if self.scale != 1.0:
             r = self.scale * r
         return h + r
@@ -268,7 +269,7 @@ class Discriminator(nn.Module):
 
 
 def _act(kind: str) -> nn.Module:
-    return nn.ReLU() if kind == "relu" else nn.LeakyReLU(LEAK)
+    return nn.ReLU() if kind == "relu" else LeakyReLU(LEAK)
 
 
 def _conv_generator(z_dim: int, base: int, widths: list[int], channels: int, *, act: str,
@@ -305,16 +306,16 @@ def _conv_discriminator(channels: int, base: int, widths: list[int], *, bn: bool
                         hidden_fc: int | None = None) -> nn.Sequential:
     """len(widths) 5x5 stride-2 convs with lrelu (BN on all but the first if `bn`), flatten,
     optional FC hidden_fc + lrelu (no BN), FC 1."""
-    layers: list[nn.Module] = [SameConv2d(channels, widths[0], 5, 2), nn.LeakyReLU(LEAK)]
+    layers: list[nn.Module] = [SameConv2d(channels, widths[0], 5, 2), LeakyReLU(LEAK)]
     for c_in, c_out in zip(widths[:-1], widths[1:]):
         layers.append(SameConv2d(c_in, c_out, 5, 2, bias=not bn))
         if bn:
             layers.append(TFBatchNorm(c_out))
-        layers.append(nn.LeakyReLU(LEAK))
+        layers.append(LeakyReLU(LEAK))
     layers.append(nn.Flatten())
     n = widths[-1] * base * base
     if hidden_fc:
-        layers += [nn.Linear(n, hidden_fc), nn.LeakyReLU(LEAK)]
+        layers += [nn.Linear(n, hidden_fc), LeakyReLU(LEAK)]
         n = hidden_fc
     layers.append(nn.Linear(n, 1))
     return nn.Sequential(*layers)
@@ -324,9 +325,9 @@ def _resnet_generator(z_dim: int, base: int, c: int, channels: int, scale: float
                       branch_std: float | None) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Linear(z_dim, c * base * base), _Reshape(c, base, base)]
     for _ in range(3):
-        layers += [nn.LeakyReLU(LEAK), SameConvTranspose2d(c, c, 5, 2),
+        layers += [LeakyReLU(LEAK), SameConvTranspose2d(c, c, 5, 2),
                    ResidualBlock(c, c // 2, scale, branch_std)]
-    layers += [nn.LeakyReLU(LEAK), SameConvTranspose2d(c, channels, 5, 2), nn.Tanh()]
+    layers += [LeakyReLU(LEAK), SameConvTranspose2d(c, channels, 5, 2), nn.Tanh()]
     return nn.Sequential(*layers)
 
 
@@ -335,8 +336,8 @@ def _resnet_discriminator(channels: int, base: int, c: int, scale: float,
     # No activation on the input; the first block's bottleneck is C, the others C/2.
     layers: list[nn.Module] = [SameConv2d(channels, c, 5, 2), ResidualBlock(c, c, scale, branch_std)]
     for _ in range(3):
-        layers += [nn.LeakyReLU(LEAK), SameConv2d(c, c, 5, 2), ResidualBlock(c, c // 2, scale, branch_std)]
-    layers += [nn.LeakyReLU(LEAK), nn.Flatten(), nn.Linear(c * base * base, 1)]
+        layers += [LeakyReLU(LEAK), SameConv2d(c, c, 5, 2), ResidualBlock(c, c // 2, scale, branch_std)]
+    layers += [LeakyReLU(LEAK), nn.Flatten(), nn.Linear(c * base * base, 1)]
     return nn.Sequential(*layers)
 
 
@@ -424,6 +425,11 @@ def set_conv_impl(model: nn.Module, impl: str = "gemm", strided_only: bool = Tru
     convolutions (ResNet blocks), whose double backward stays on cuDNN, native. numgan.train uses
     ``"gemm"`` on CUDA: on an H100 it gave the fastest ConOpt step of the three (cuDNN's strided dgrad
     kernels and its NCHW/NHWC conversions made "adjoint" slower; benchmarks/results/step-cuda.md).
+
+    A ``"gemm"`` layer's weight is stored channels-last (same values, other strides): its memory is then
+    the [out, k k in] matrix of the GEMM (numgan.conv's "pqc" column layout), so neither the weight nor
+    its gradient is copied to change layout (issue 4). Switch before the optimiser has state, or its
+    foreach kernels see mismatched layouts and fall back to per-tensor kernels (same result, slower).
     """
     if impl not in CONV_IMPLS:
         raise ValueError(f"unknown conv implementation {impl!r}; choose one of {CONV_IMPLS}")
@@ -431,6 +437,9 @@ def set_conv_impl(model: nn.Module, impl: str = "gemm", strided_only: bool = Tru
         if isinstance(m, (SameConv2d, SameConvTranspose2d)):
             strided = m.stride[0] > 1
             m.impl = impl if (strided or not strided_only) else "native"
+            fmt = torch.channels_last if m.impl == "gemm" and conv.COLS_LAYOUT == "pqc" else torch.contiguous_format
+            if not m.weight.is_contiguous(memory_format=fmt):
+                m.weight.data = m.weight.data.contiguous(memory_format=fmt)
     return model
 
 

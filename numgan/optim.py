@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
-from .game import grad_or_zero, half_sq_norm, player_gradients
+from .game import grad_or_zero, half_dot, half_sq_norm, player_gradients
 from .rmsprop import TF1RMSprop
 
 Closure = Callable[..., tuple]
@@ -52,7 +52,10 @@ class GameOptimizer:
     def _apply(self, directions: list[Tensor], params: list[Tensor], key: str = "both") -> None:
         """Hand the (loss-form) directions to the inner optimiser and take one step."""
         for p, d in zip(params, directions):
-            p.grad = d.detach().contiguous()   # dense grads keep the optimiser's foreach kernels on their fast path
+            d = d.detach()
+            if d.stride() != p.stride():   # the optimiser's foreach kernels need grads laid out as their params
+                d = torch.empty_like(p).copy_(d)
+            p.grad = d
         self.optimizers[key].step()
         for p in params:
             p.grad = None
@@ -142,12 +145,13 @@ class ConOpt(GameOptimizer):
         if self.unbiased:
             loss_d2, loss_g2 = closure()
             u2 = player_gradients(loss_g2, loss_d2, self.gen_params, self.disc_params, create_graph=True)
-            consensus = 0.5 * sum((a * b).sum() for a, b in zip(u, u2))
+            consensus = half_dot(u, u2)
             u = [0.5 * (a + b) for a, b in zip(u, u2)]
         else:
             consensus = half_sq_norm(u)
         jtu = grad_or_zero(consensus, params)
-        self._apply([ui.detach() + self.gamma * ji for ui, ji in zip(u, jtu)], params)
+        # u + gamma J^T u for every tensor at once (one multi-tensor kernel on CUDA)
+        self._apply(torch._foreach_add([ui.detach() for ui in u], jtu, alpha=self.gamma), params)
         return _losses(loss_d, loss_g)
 
 

@@ -25,12 +25,14 @@ import torch
 from torch import Tensor
 
 from . import objectives
+from .models import TFBatchNorm
 from .optim import GameOptimizer
 
 # Runs trained in parallel threads (run_concurrently) share PyTorch's autograd engine thread: a capture
 # must not overlap another run's eager autograd work (CUDA: "capturing stream has unjoined work"), so
 # the eager warm-up steps and the captures of graphed steps take this lock. Replays do not.
 _CAPTURE_LOCK = threading.RLock()
+_BATCH_NORMS = (TFBatchNorm, torch.nn.modules.batchnorm._BatchNorm)
 _PATTERN_CHANGED = ("the game optimiser's closure calls changed between steps; "
                     "CUDA-graph replay needs the same calls every step (use graph=False)")
 
@@ -49,13 +51,17 @@ class GanStep:
         static: run the graph path's data flow without a graph (testing).
         capture_error_mode: passed to ``torch.cuda.graph``; "thread_local" when other threads use the
             GPU at the same time (:func:`run_concurrently`).
+        joint_d: evaluate D once on the real and fake batch stacked, instead of twice. The same function
+            when D has no batch norm (D then treats examples independently), with half the D kernels in
+            every derivative; with batch norm the two calls are kept apart (spec 1.2: each batch has its
+            own statistics). None (default): joint exactly when D has no batch-norm layer.
     The returned losses are fresh tensors (safe to keep); they stay on the device, so reading them is
     the caller's choice of when to synchronise.
     """
 
     def __init__(self, G, D, opt: GameOptimizer, objective: str, draw_z: Callable[[], Tensor],
                  draw_real: Callable[[], Tensor], graph: bool = True, warmup: int = 3, static: bool = False,
-                 capture_error_mode: str = "global"):
+                 capture_error_mode: str = "global", joint_d: Optional[bool] = None):
         if warmup < 1:
             raise ValueError(f"warmup must be >= 1, got {warmup}")
         self.G, self.D, self.opt, self.objective = G, D, opt, objective
@@ -65,6 +71,11 @@ class GanStep:
         self.static = bool(static) or self.graph
         self.warmup = warmup
         self.capture_error_mode = capture_error_mode
+        has_bn = any(isinstance(m, _BATCH_NORMS) for m in D.modules())
+        if joint_d and has_bn:
+            raise ValueError("joint_d=True needs a discriminator without batch norm (spec 1.2: the real and the "
+                             "fake batch are normalised with their own statistics)")
+        self.joint_d = (not has_bn) if joint_d is None else bool(joint_d)
         self.n_steps = 0
         self._pattern: Optional[list] = None     # [(need_d, need_g)] per closure call of one step
         self._buffers: list = []                 # static (z, x_real or None) per call
@@ -74,9 +85,13 @@ class GanStep:
 
     # -- the losses on given inputs (shared by every path) ------------------------------------------
     def losses(self, z: Tensor, x_real: Optional[Tensor], need_d: bool = True, need_g: bool = True):
-        """(L_D, L_G) on one latent and one real batch; D is called separately on the fake and the real
-        batch (batch-norm statistics, spec 1.2)."""
-        d_fake = self.D(self.G(z))
+        """(L_D, L_G) on one latent and one real batch. With batch norm in D, D is called separately on
+        the fake and the real batch (spec 1.2); without, once on both stacked (``joint_d``)."""
+        x_fake = self.G(z)
+        if need_d and self.joint_d:
+            ld, lg = objectives.joint_losses(self.D(torch.cat([x_real, x_fake])), x_real.shape[0], self.objective)
+            return ld, (lg if need_g else None)
+        d_fake = self.D(x_fake)
         ld = objectives.loss_d(self.D(x_real), d_fake, self.objective) if need_d else None
         lg = objectives.loss_g(d_fake, self.objective) if need_g else None
         return ld, lg

@@ -467,8 +467,61 @@ def test_activations(arch, g_act):
     """dcgan3's G uses ReLU, dcgan4's G leaky ReLU (spec D-15); every D uses lrelu with leak 0.2."""
     G, D = build_models(arch, f_dim=4)
     g_acts = [m for m in G.modules() if isinstance(m, (nn.ReLU, nn.LeakyReLU))]
-    assert g_acts and all(type(m) is g_act for m in g_acts)
+    # the leaky ReLUs are numgan.activations.LeakyReLU (torch's values, cheaper double backward)
+    assert g_acts and all(isinstance(m, g_act) and isinstance(m, nn.LeakyReLU) == (g_act is nn.LeakyReLU)
+                          for m in g_acts)
     assert all(m.negative_slope == 0.2 for m in g_acts if isinstance(m, nn.LeakyReLU))
     d_acts = [m for m in D.modules() if isinstance(m, (nn.ReLU, nn.LeakyReLU))]
-    assert d_acts and all(type(m) is nn.LeakyReLU and m.negative_slope == 0.2 for m in d_acts)
+    assert d_acts and all(isinstance(m, nn.LeakyReLU) and m.negative_slope == 0.2 for m in d_acts)
     assert isinstance(list(G.net)[-1], nn.Tanh)
+
+
+def test_leaky_relu_function_has_torchs_values_and_derivatives_of_every_order():
+    """numgan.activations.leaky_relu: F.leaky_relu's values, first and second derivatives (float64), in
+    reverse and forward mode, under torch.func, and without the all-zero term of torch's double backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from numgan.activations import leaky_relu
+    from numgan.models import LEAK
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(leaky_relu(x, LEAK), F.leaky_relu(x, LEAK), rtol=0, atol=0)
+    assert torch.autograd.gradcheck(lambda t: leaky_relu(t, LEAK), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: leaky_relu(t, LEAK), (x,))
+    assert torch.autograd.gradcheck(lambda t: leaky_relu(t, LEAK), (x,), check_forward_ad=True,
+                                    check_backward_ad=False)
+    # a double backward through a network with the activation: the same as torch's
+    w = torch.randn(7, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    def consensus(act):
+        y = act(x @ w) @ w
+        g = torch.autograd.grad(y.square().sum(), [x, w], create_graph=True)
+        return sum(t.square().sum() for t in g)
+
+    ours = torch.autograd.grad(consensus(lambda t: leaky_relu(t, LEAK)), [x, w])
+    ref = torch.autograd.grad(consensus(lambda t: F.leaky_relu(t, LEAK)), [x, w])
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # torch.func: forward-over-reverse Hessian-vector product and vmap
+    f = lambda t: (leaky_relu(t, LEAK) ** 3).sum()  # noqa: E731
+    f_ref = lambda t: (F.leaky_relu(t, LEAK) ** 3).sum()  # noqa: E731
+    v = torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    hvp = torch.func.jvp(torch.func.grad(f), (x.detach(),), (v,))[1]
+    hvp_ref = torch.func.jvp(torch.func.grad(f_ref), (x.detach(),), (v,))[1]
+    torch.testing.assert_close(hvp, hvp_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.func.vmap(torch.func.grad(f))(x.detach()),
+                               torch.func.vmap(torch.func.grad(f_ref))(x.detach()), rtol=1e-12, atol=1e-12)
+
+    # the point of the Function: no zero-filled tensors in the second derivative
+    class Ops(TorchDispatchMode):
+        names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    y = leaky_relu(x, LEAK)
+    g, = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with Ops() as ops:
+        torch.autograd.grad(g.square().sum(), x)
+    assert "leaky_relu_backward" in ops.names and not {"zeros_like", "zero_", "fill_"} & set(ops.names)

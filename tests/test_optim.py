@@ -301,3 +301,97 @@ def test_objective_values():
     assert objectives.loss_g(torch.tensor([2.0]), "KL").item() == pytest.approx(-2.0)
     with pytest.raises(ValueError, match="unknown GAN objective"):
         objectives.loss_g(d_fake, "wasserstein")
+
+
+def test_consensus_of_mixed_layouts_is_one_dot_product():
+    """half_sq_norm / half_dot on contiguous, channels-last, transposed and non-dense tensors equal the
+    per-tensor sums, with gradient t (resp. b/2); the kernel count does not grow with the tensor count."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from numgan.game import flat_view, half_dot, half_sq_norm
+    gen = torch.Generator().manual_seed(0)
+    base = [torch.randn(4, 3, 5, 5, generator=gen), torch.randn(6, 7, generator=gen), torch.randn(9, generator=gen),
+            torch.randn(8, 6, generator=gen), torch.randn((), generator=gen)]
+    ts = [base[0].contiguous(memory_format=torch.channels_last), base[1].t(), base[2], base[3][:, ::2], base[4]]
+    assert not ts[0].is_contiguous() and not ts[1].is_contiguous() and ts[0].data_ptr() == flat_view(ts[0]).data_ptr()
+    ts = [t.detach().requires_grad_() for t in ts]
+    ref = 0.5 * sum((t * t).sum() for t in ts)
+    value = half_sq_norm(ts)
+    torch.testing.assert_close(value, ref, rtol=1e-14, atol=0)
+    for t, g in zip(ts, torch.autograd.grad(value, ts)):
+        torch.testing.assert_close(g, t.detach(), rtol=0, atol=0)
+    others = [torch.randn(t.shape, generator=gen) for t in ts]
+    others = [o.contiguous(memory_format=torch.channels_last) if i == 0 else (o.t().contiguous().t() if i == 1 else o)
+              for i, o in enumerate(others)]
+    torch.testing.assert_close(half_dot(ts, others), 0.5 * sum((t * o).sum() for t, o in zip(ts, others)),
+                               rtol=1e-13, atol=0)
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += not func.is_view   # views launch no kernel
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for k in (2, 20):
+        xs = [torch.randn(3, 4, generator=gen, requires_grad=True) for _ in range(k)]
+        Count.n = 0
+        with Count():
+            torch.autograd.grad(half_sq_norm(xs), xs)
+        counts.append(Count.n)
+    assert counts[0] == counts[1]
+
+
+def test_directions_reach_the_optimiser_in_the_parameters_layout():
+    """GameOptimizer._apply hands p.grad laid out as p (foreach fast path), copying only when it differs."""
+    w = torch.nn.Parameter(torch.randn(4, 3, 5, 5).contiguous(memory_format=torch.channels_last))
+    b = torch.nn.Parameter(torch.randn(4))
+    seen = {}
+
+    class Spy(torch.optim.SGD):
+        def step(self, closure=None):
+            seen.update({id(p): p.grad for p in self.param_groups[0]["params"]})
+            return super().step(closure)
+
+    opt = SimGA([w], [b], optimizer=lambda ps: Spy(ps, lr=1.0))
+    same = torch.randn(4, 3, 5, 5).contiguous(memory_format=torch.channels_last)
+    opt._apply([same, torch.randn(4)], opt.params)
+    assert seen[id(w)].data_ptr() == same.data_ptr()      # no copy
+    opt._apply([torch.randn(4, 3, 5, 5), torch.randn(4)], opt.params)    # NCHW direction: re-laid out
+    assert seen[id(w)].stride() == w.stride() and w.grad is None
+
+
+@pytest.mark.parametrize("objective", objectives.OBJECTIVES)
+def test_joint_losses_equal_the_separate_losses_to_every_order(objective):
+    """objectives.joint_losses on stacked logits [real; fake]: loss_d / loss_g's values, gradients (each loss
+    alone, as player_gradients takes them), ConOpt-style second derivatives, and third derivatives."""
+    gen = torch.Generator().manual_seed(1)
+    d = (3 * torch.randn(11, generator=gen)).requires_grad_()
+    n_real = 4
+    with pytest.raises(ValueError, match="both parts non-empty"):
+        objectives.joint_losses(d, 11, objective)
+    ld, lg = objectives.joint_losses(d, n_real, objective)
+    rd, rg = objectives.loss_d(d[:n_real], d[n_real:], objective), objectives.loss_g(d[n_real:], objective)
+    torch.testing.assert_close(torch.stack([ld, lg]), torch.stack([rd, rg]), rtol=1e-14, atol=1e-15)
+
+    def second(pair):   # a ConOpt-like scalar: weighted squared gradients of both losses, differentiated again
+        l_d, l_g = pair
+        gd, = torch.autograd.grad(l_d, d, create_graph=True)
+        gg, = torch.autograd.grad(l_g, d, create_graph=True)
+        return gd, gg, (gd.square() * torch.arange(11.0)).sum() + (gg * gd).sum() + gg.square().sum()
+
+    gd, gg, s = second((ld, lg))
+    rgd, rgg, rs = second((rd, rg))
+    torch.testing.assert_close(gd, rgd, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(gg, rgg, rtol=1e-13, atol=1e-15)
+    if objective == "indicator":   # linear in the logits: constant gradients, nothing more to compare
+        assert not s.requires_grad and not rs.requires_grad
+        return
+    h, = torch.autograd.grad(s, d, create_graph=True)
+    rh, = torch.autograd.grad(rs, d, create_graph=True)
+    torch.testing.assert_close(h, rh, rtol=1e-12, atol=1e-14)
+    assert h.abs().max() > 0
+    t, = torch.autograd.grad((h * torch.linspace(-1, 1, 11)).sum(), d)
+    rt, = torch.autograd.grad((rh * torch.linspace(-1, 1, 11)).sum(), d)
+    torch.testing.assert_close(t, rt, rtol=1e-11, atol=1e-13)

@@ -178,3 +178,53 @@ def test_every_image_run_belongs_to_a_figure():
     used = {experiments.resolve(r) for ids in experiments.FIGURE_RUNS.values() for r in ids}
     assert used == set(experiments.RUNS)
     assert set(experiments.FIGURE_RUNS) == set(range(4, 15))
+
+
+def test_joint_discriminator_pass_is_the_same_function(float64):
+    """Without batch norm GanStep evaluates D once on [real; fake]: the same losses and ConOpt updates as
+    two separate calls (float64); with batch norm the calls stay apart, and forcing it is an error."""
+    results = []
+    for joint in (False, True):
+        torch.manual_seed(0)
+        G, D = build_models("dcgan4_nobn", 16, z_dim=8, f_dim=4)
+        _perturb(G, torch.Generator().manual_seed(1)), _perturb(D, torch.Generator().manual_seed(2))
+        set_conv_impl(G, "gemm"), set_conv_impl(D, "gemm")
+        opt = make_game_optimizer("conopt", G.parameters(), D.parameters(), lr=1e-2, gamma=0.5)
+        sampler = ImageSampler(load_images("synthetic", limit=40, image_size=16), 8, seed=0)
+        zgen = torch.Generator().manual_seed(3)
+        step = GanStep(G, D, opt, "standard", draw_z=lambda: torch.randn(8, 8, generator=zgen),
+                       draw_real=lambda: sampler().double(), graph=False, joint_d=joint)
+        assert step.joint_d is joint
+        losses = [step() for _ in range(3)]
+        results.append((losses, [p.detach().clone() for p in list(G.parameters()) + list(D.parameters())]))
+    (l0, p0), (l1, p1) = results
+    for a, b in zip(l0, l1):
+        torch.testing.assert_close(a["loss_d"], b["loss_d"], rtol=1e-12, atol=0)
+        torch.testing.assert_close(a["loss_g"], b["loss_g"], rtol=1e-12, atol=0)
+    for a, b in zip(p0, p1):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+    G, D = build_models("dcgan4", 16, z_dim=8, f_dim=4)   # batch norm in D
+    opt = make_game_optimizer("simga", G.parameters(), D.parameters())
+    assert GanStep(G, D, opt, "standard", lambda: None, lambda: None).joint_d is False
+    with pytest.raises(ValueError, match="batch norm"):
+        GanStep(G, D, opt, "standard", lambda: None, lambda: None, joint_d=True)
+    G, D = build_models("dcgan4_nobn", 16, z_dim=8, f_dim=4)
+    opt = make_game_optimizer("simga", G.parameters(), D.parameters())
+    assert GanStep(G, D, opt, "standard", lambda: None, lambda: None).joint_d is True
+
+
+def test_gemm_layers_store_their_weights_as_the_gemm_matrix():
+    """set_conv_impl("gemm") keeps the values and makes each weight channels-last, whose memory is the GEMM's
+    [out, k k in] matrix (no copy in the forward pass); the other implementations keep NCHW weights."""
+    from numgan import conv
+    from numgan.models import SameConv2d, SameConvTranspose2d
+    G, D = build_models("dcgan4_nobn", 32, z_dim=8, f_dim=4)
+    before = {k: v.clone() for k, v in list(G.state_dict().items()) + list(D.state_dict().items())}
+    set_conv_impl(G, "gemm"), set_conv_impl(D, "gemm")
+    convs = [m for m in list(G.modules()) + list(D.modules()) if isinstance(m, (SameConv2d, SameConvTranspose2d))]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    assert all(conv._weight_matrix(m.weight, conv.COLS_LAYOUT).data_ptr() == m.weight.data_ptr() for m in convs)
+    after = {k: v for k, v in list(G.state_dict().items()) + list(D.state_dict().items())}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    set_conv_impl(G, "native"), set_conv_impl(D, "adjoint")
+    assert all(m.weight.is_contiguous() for m in convs)

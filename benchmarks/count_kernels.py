@@ -1,0 +1,145 @@
+"""How many GPU kernels one training iteration launches, counted on the CPU (issue 4, target 1).
+
+Replayed from a CUDA graph, the fast step's cost on an H100 is its GEMMs plus a few microseconds for
+every other kernel, however small. This script counts, without a GPU, the kernels each variant of
+bench_step.py would launch: every aten operator that computes something (views, metadata and
+allocations excluded), caught with a TorchDispatchMode during one eager iteration on the CPU, with
+three CUDA-path substitutions:
+
+* an im2col or col2im of numgan.conv counts as the one Triton kernel it is on CUDA (the CPU runs a
+  torch fallback of several operators instead);
+* a ``_foreach_*`` operator counts as one kernel (on CUDA it is one multi-tensor launch per ~100
+  tensors);
+* torch.optim's RMSprop (the plain port's) takes its foreach path, as it does on CUDA by default;
+* RNG and host-to-device copies of the minibatch are counted like any other operator.
+
+The counts are a property of the code, not of the machine, so they are recorded for the CPU; the
+timings that belong with them are bench_step.py's on the GPU.
+
+    python benchmarks/count_kernels.py --record        # writes benchmarks/results/kernels-cpu.md
+"""
+import argparse
+import collections
+import sys
+from pathlib import Path
+
+import torch
+import torch.optim.rmsprop as _rmsprop
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import common  # noqa: E402
+from bench_step import build  # noqa: E402
+from numgan import conv  # noqa: E402
+
+# operators that launch no kernel besides views (``func.is_view``): allocation and metadata
+NO_KERNEL = {
+    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "set_", "resolve_conj",
+    "resolve_neg", "lift_fresh", "is_same_size", "_has_compatible_shallow_copy_type", "sym_size", "sym_stride",
+    "sym_numel", "_record_function_enter_new", "_record_function_exit", "_unsafe_view",
+}
+KINDS = [  # (kind, operator names); the first match wins, the rest is "elementwise"
+    ("GEMM", {"mm", "addmm", "bmm", "baddbmm", "matmul", "convolution", "_convolution", "cudnn_convolution",
+              "cudnn_convolution_transpose", "convolution_backward", "convolution_overrideable"}),
+    ("im2col/col2im", {"im2col", "col2im"}),
+    ("reduction", {"sum", "mean", "norm", "linalg_vector_norm", "dot", "vdot", "max", "min", "amax"}),
+    ("copy/fill", {"copy_", "clone", "contiguous", "_to_copy", "fill_", "zero_", "zeros", "zeros_like",
+                   "ones_like", "full", "full_like", "cat", "stack", "constant_pad_nd"}),
+    ("foreach", None),
+]
+
+
+def kind_of(name: str) -> str:
+    if name.startswith("_foreach_"):
+        return "foreach"
+    for kind, names in KINDS:
+        if names is not None and name in names:
+            return kind
+    return "elementwise"
+
+
+class KernelCounter(TorchDispatchMode):
+    """Counts kernel-launching aten operators; ``suppress`` > 0 pauses counting (inside a fallback)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+        self.suppress = 0
+
+    def add(self, name: str) -> None:
+        if not self.suppress:
+            self.counts[name] += 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if not func.is_view and name not in NO_KERNEL:
+            self.add(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _as_one_kernel(counter: KernelCounter, fn, name: str):
+    def wrapped(*a, **k):
+        counter.add(name)
+        counter.suppress += 1
+        try:
+            return fn(*a, **k)
+        finally:
+            counter.suppress -= 1
+    return wrapped
+
+
+def count_step(step) -> collections.Counter:
+    """Kernel counts (by operator name) of one call of ``step``, CUDA-path substitutions applied."""
+    counter = KernelCounter()
+    saved = conv._im2col_torch, conv._col2im_torch, _rmsprop._default_to_fused_or_foreach
+    conv._im2col_torch = _as_one_kernel(counter, saved[0], "im2col")
+    conv._col2im_torch = _as_one_kernel(counter, saved[1], "col2im")
+    _rmsprop._default_to_fused_or_foreach = lambda *a, **k: (False, True)   # CUDA's default
+    try:
+        with counter:
+            step()
+    finally:
+        conv._im2col_torch, conv._col2im_torch, _rmsprop._default_to_fused_or_foreach = saved
+    return counter.counts
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", default="dcgan4_nobn")
+    ap.add_argument("--batch", type=int, default=8, help="the counts do not depend on it")
+    ap.add_argument("--methods", default="simga,altga,conopt")
+    ap.add_argument("--variants", default="plain,fast")
+    ap.add_argument("--top", type=int, default=0, help="also list the N most frequent operators of each row")
+    ap.add_argument("--record", action="store_true", help="append the table to benchmarks/results/")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    images = torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8)
+    rows, tops = [], []
+    for method in args.methods.split(","):
+        for variant in args.variants.split(","):
+            # "fast" on the CPU: numgan.train's CUDA-path step (fast_conv_impl's convolutions), run eagerly
+            step, _, _ = build(variant, method, args.arch, args.batch, images, torch.device("cpu"))
+            for _ in range(2):     # optimiser state exists, lazy initialisation done
+                step()
+            counts = count_step(step)
+            by_kind = collections.Counter()
+            for op, n in counts.items():
+                by_kind[kind_of(op)] += n
+            row = {"method": method, "variant": variant, "kernels/iter": sum(counts.values())}
+            row.update({kind: by_kind.get(kind, 0) for kind, _ in KINDS})
+            row["elementwise"] = by_kind.get("elementwise", 0)
+            rows.append(row)
+            if args.top:
+                tops.append(f"{method} {variant}: " + ", ".join(f"{op} {n}" for op, n in counts.most_common(args.top)))
+    head = common.header("cpu")
+    text = (f"## kernels per iteration, {args.arch} (counted on the CPU; CUDA-path substitutions, see the script)"
+            f"\n\n{common.format_header(head)}\n\n" + common.markdown_table(rows) + "\n")
+    if tops:
+        text += "\n" + "\n".join(f"- {t}" for t in tops) + "\n"
+    common.report("kernels", "cpu", text, args.record)
+
+
+if __name__ == "__main__":
+    main()
