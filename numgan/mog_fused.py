@@ -570,6 +570,12 @@ class FusedMoG:
     def n_seeds(self) -> int:
         return self.params.shape[0]
 
+    def _check_batch(self, x_real: Tensor, z: Tensor) -> None:
+        B = x_real.shape[1] if x_real.dim() == 3 else -1
+        if x_real.shape != (self.n_seeds, B, X_DIM) or z.shape != (self.n_seeds, B, Z_DIM):
+            raise ValueError(f"expected x_real [{self.n_seeds}, B, {X_DIM}] and z [{self.n_seeds}, B, {Z_DIM}], "
+                             f"got {tuple(x_real.shape)} and {tuple(z.shape)}")
+
     def direction(self, x_real: Tensor, z: Tensor, losses: bool = False):
         """The loss-form update direction (u for SimGA, u + gamma J_u^T u for ConOpt) [S, 2003].
 
@@ -577,9 +583,7 @@ class FusedMoG:
         the next call overwrites.
         """
         S, B = x_real.shape[0], x_real.shape[1]
-        if x_real.shape != (self.n_seeds, B, X_DIM) or z.shape != (self.n_seeds, B, Z_DIM):
-            raise ValueError(f"expected x_real [{self.n_seeds}, B, {X_DIM}] and z [{self.n_seeds}, B, {Z_DIM}], "
-                             f"got {tuple(x_real.shape)} and {tuple(z.shape)}")
+        self._check_batch(x_real, z)
         gamma = self.gamma if self.method == "conopt" else None
         if self.backend == "triton":
             from . import mog_triton
@@ -596,11 +600,34 @@ class FusedMoG:
     def step(self, x_real: Tensor, z: Tensor, losses: bool = True):
         """One game step on (x_real [S, B, 2], z [S, B, 16]); returns the per-seed (loss_d, loss_g) of the
         minibatch before the update (None with ``losses=False``, which saves a few ops)."""
-        g, out = self.direction(x_real, z, losses)
+        out = self._step(x_real, z, losses)
+        return (out[0].clone(), out[1].clone()) if losses else None
+
+    def _fused_update(self) -> bool:
+        """Whether the Triton kernels apply the update themselves (mog_triton.conopt_step: ConOpt, one
+        program per seed)."""
+        return self.backend == "triton" and self.method == "conopt" and self.triton_options.get("split", 1) == 1
+
+    def _step(self, x_real: Tensor, z: Tensor, losses: bool = True):
+        """:meth:`step`, returning the losses as views of internal buffers (overwritten by the next step;
+        None for the torch backend with ``losses=False``)."""
+        if self._fused_update():
+            from . import mog_triton
+            self._check_batch(x_real, z)
+            if self._plan is None:
+                self._plan = mog_triton.Workspace(self.params)
+            opts = {k: v for k, v in self.triton_options.items() if k != "split"}
+            ls = mog_triton.conopt_step(self.params, self.square_avg, x_real.contiguous(), z.contiguous(),
+                                        self.gamma, self.lr, self.decay, self.eps, workspace=self._plan, **opts)
+            return ls[:, 0], ls[:, 1]
+        g, _ = self.direction(x_real, z)
         sq = self.square_avg
         sq.mul_(self.decay).addcmul_(g, g, value=1.0 - self.decay)
         self.params.addcdiv_(g, torch.add(sq, self.eps).sqrt_(), value=-self.lr)
-        return out
+        if self.backend == "triton":
+            ls = self._plan.buffers(self.triton_options.get("split", 1), x_real.shape[1]).losses
+            return ls[:, 0], ls[:, 1]
+        return self._plan.losses() if losses else None
 
     def make_graphed_steps(self, n_steps: int, batch_size: int = 512, sample: bool = False) -> "GraphedSteps":
         """Capture ``n_steps`` consecutive steps in one ``torch.cuda.CUDAGraph`` (CUDA only).
@@ -639,7 +666,7 @@ class GraphedSteps:
                     torch.randn(self.x_real[i].shape, out=self.x_real[i], device=dev, dtype=dt)
                     self.x_real[i].mul_(self._std).add_(self._modes)
                     torch.randn(self.z[i].shape, out=self.z[i], device=dev, dtype=dt)
-                ld, lg = eng.step(self.x_real[i], self.z[i], losses=True)
+                ld, lg = eng._step(self.x_real[i], self.z[i])
                 self.loss_d[i].copy_(ld)
                 self.loss_g[i].copy_(lg)
 

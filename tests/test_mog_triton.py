@@ -52,16 +52,35 @@ def _interpreter_checks():
     # the engine: three SimGA / ConOpt steps with either backend give the same parameters and RMSProp state
     x, _, _ = _case(2, 64, seed=3)
     batches = [_case(2, 64, seed=10 + i)[1:] for i in range(3)]
+    # (split=1 ConOpt: the kernels apply RMSProp themselves, mog_triton.conopt_step)
     for method in ("simga", "conopt"):
         a = mf.FusedMoG(x, method)
-        b = mf.FusedMoG(x, method, backend="triton", triton_options=dict(tile=16, split=2))
+        bs = [mf.FusedMoG(x, method, backend="triton", triton_options=dict(tile=16, split=2)),
+              mf.FusedMoG(x, method, backend="triton", triton_options=dict(tile=16))]
+        assert bs[1]._fused_update() == (method == "conopt") and not bs[0]._fused_update()
         for xr, z in batches:
-            la, lb = a.step(xr, z), b.step(xr, z)
-            torch.testing.assert_close(lb[0], la[0], **close)
-            torch.testing.assert_close(lb[1], la[1], **close)
-        torch.testing.assert_close(b.params, a.params, rtol=1e-10, atol=1e-13)
-        torch.testing.assert_close(b.square_avg, a.square_avg, rtol=1e-10, atol=1e-13)
-        assert (b.params - x).abs().max() > 1e-6
+            la = a.step(xr, z)
+            for b in bs:
+                lb = b.step(xr, z)
+                torch.testing.assert_close(lb[0], la[0], **close)
+                torch.testing.assert_close(lb[1], la[1], **close)
+        for b in bs:
+            torch.testing.assert_close(b.params, a.params, rtol=1e-10, atol=1e-13)
+            torch.testing.assert_close(b.square_avg, a.square_avg, rtol=1e-10, atol=1e-13)
+            assert (b.params - x).abs().max() > 1e-6
+    # conopt_step itself: the update of FusedMoG.step's formula, and its input checks
+    p, ms = x.clone(), torch.full_like(x, 1.0)
+    xr, z = batches[0]
+    g, _ = mt.direction(x, xr, z, 10.0)
+    ms_ref = 0.9 * ms + 0.1 * g * g
+    mt.conopt_step(p, ms, xr, z, 10.0, 1e-3, 0.9, 1e-10)
+    torch.testing.assert_close(ms, ms_ref, **close)
+    torch.testing.assert_close(p, x - 1e-3 * g / torch.sqrt(ms_ref + 1e-10), **close)
+    try:
+        mt.conopt_step(p, ms[:1], xr, z, 10.0, 1e-3, 0.9, 1e-10)
+        raise AssertionError("a square_avg of the wrong shape was accepted")
+    except ValueError as e:
+        assert "square_avg" in str(e)
     print("interpreter checks passed")
 
 
