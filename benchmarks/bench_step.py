@@ -88,7 +88,9 @@ def build(variant, method, arch, batch, images, device, seed=0, tf32=True):
         torch.manual_seed(seed)
         G, D = build_models(arch, images.shape[-1], z_dim=256, f_dim=64, channels=images.shape[1])
         G, D = G.to(device), D.to(device)
-        for m in list(G.modules()) + list(D.modules()):   # the usual port's activation: torch's own
+        # the usual port's activation: torch's own (ResidualBlock calls numgan.activations directly; the
+        # benchmarked architecture, dcgan4_nobn, has none)
+        for m in list(G.modules()) + list(D.modules()):
             if isinstance(m, LeakyReLU):
                 m.__class__ = torch.nn.LeakyReLU
         return plain_port(G, D, method, ImageSampler(images, batch, device=device, seed=seed), 256, batch), G, D

@@ -16,7 +16,7 @@ for ConOpt): ``p.grad = u + gamma J^T v`` with ``u = -v`` the players' own loss 
 This module holds the autograd helpers shared by the optimizers (numgan.optim) and the functional
 form of the field used by the spectrum tools (numgan.spectrum).
 """
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -50,18 +50,31 @@ def grad_or_zero(scalar: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
 
 
-def flat_view(t: Tensor) -> Tensor:
-    """The elements of ``t`` as a 1-D tensor in memory order: a view for any dense tensor (contiguous,
-    channels-last, transposed), a copy otherwise. Element order is irrelevant to the sums below."""
-    if t.is_contiguous():
-        return t.view(-1)
-    order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), -t.shape[d]))
-    return t.permute(order).reshape(-1)
+def _memory_order(t: Tensor) -> list[int]:
+    """t's dimensions from the outermost to the innermost in memory (ties: the larger dimension first)."""
+    return sorted(range(t.dim()), key=lambda d: (-t.stride(d), -t.shape[d]))
 
 
-def flat_cat(tensors: Sequence[Tensor]) -> Tensor:
-    """All elements of ``tensors`` in one 1-D tensor (differentiable; one copy kernel)."""
-    return torch.cat([flat_view(t) for t in tensors])
+def flat_view(t: Tensor, order: Optional[Sequence[int]] = None) -> Tensor:
+    """The elements of ``t`` as a 1-D tensor, dimensions taken in ``order`` (default: t's memory order).
+    In memory order it is a view for any dense tensor (contiguous, channels-last, transposed), a copy
+    otherwise."""
+    if t.dim() == 0:
+        return t.reshape(1)
+    if order is None:
+        if t.is_contiguous():
+            return t.view(-1)
+        order = _memory_order(t)
+    return t.permute(*order).reshape(-1)
+
+
+def flat_cat(tensors: Sequence[Tensor], like: Optional[Sequence[Tensor]] = None) -> Tensor:
+    """All elements of ``tensors`` in one 1-D tensor (differentiable; one copy kernel); with ``like``,
+    each tensor's elements are ordered as ``flat_cat(like)`` orders the matching tensor's."""
+    if like is None:
+        return torch.cat([flat_view(t) for t in tensors])
+    return torch.cat([flat_view(t, list(range(r.dim())) if r.is_contiguous() else _memory_order(r))
+                      for t, r in zip(tensors, like)])
 
 
 def half_sq_norm(tensors: Sequence[Tensor]) -> Tensor:
@@ -74,9 +87,11 @@ def half_sq_norm(tensors: Sequence[Tensor]) -> Tensor:
 
 
 def half_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    """1/2 sum_p <a_p, b_p> (the unbiased consensus estimate's form, supplement Lemma 15); ``a_p`` and
-    ``b_p`` must share their memory layout (as two gradients of the same parameter do)."""
-    return 0.5 * torch.dot(flat_cat(a), flat_cat(b))
+    """1/2 sum_p <a_p, b_p> (the unbiased consensus estimate's form, supplement Lemma 15), as one dot
+    product; ``b_p`` is read in ``a_p``'s memory order, so the layouts may differ."""
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+        raise ValueError("half_dot needs two lists of tensors with matching shapes")
+    return 0.5 * torch.dot(flat_cat(a), flat_cat(b, like=a))
 
 
 def flat_field(loss_g_fn: Callable[[dict, dict], Tensor], loss_d_fn: Callable[[dict, dict], Tensor],

@@ -426,9 +426,9 @@ def set_conv_impl(model: nn.Module, impl: str = "gemm", strided_only: bool = Tru
     ``"gemm"`` on CUDA: on an H100 it gave the fastest ConOpt step of the three (cuDNN's strided dgrad
     kernels and its NCHW/NHWC conversions made "adjoint" slower; benchmarks/results/step-cuda.md).
 
-    A ``"gemm"`` layer's weight is stored channels-last (same values, other strides): its memory is then
-    the [out, k k in] matrix of the GEMM (numgan.conv's "pqc" column layout), so neither the weight nor
-    its gradient is copied to change layout (issue 4). Switch before the optimiser has state, or its
+    With ``"gemm"`` every SAME layer's weight is stored channels-last (same values, other strides): a GEMM
+    layer's memory is then the [out, k k in] matrix of the GEMM (numgan.conv's "pqc" column layout), so
+    neither the weight nor its gradient is copied to change layout (issue 4). Switch before the optimiser has state, or its
     foreach kernels see mismatched layouts and fall back to per-tensor kernels (same result, slower).
     """
     if impl not in CONV_IMPLS:
@@ -437,7 +437,9 @@ def set_conv_impl(model: nn.Module, impl: str = "gemm", strided_only: bool = Tru
         if isinstance(m, (SameConv2d, SameConvTranspose2d)):
             strided = m.stride[0] > 1
             m.impl = impl if (strided or not strided_only) else "native"
-            fmt = torch.channels_last if m.impl == "gemm" and conv.COLS_LAYOUT == "pqc" else torch.contiguous_format
+            # a stride-1 layer left native in a "gemm" model sees channels-last activations: channels-last
+            # weights keep its weight gradient in the weight's layout too
+            fmt = torch.channels_last if impl == "gemm" and conv.COLS_LAYOUT == "pqc" else torch.contiguous_format
             if not m.weight.is_contiguous(memory_format=fmt):
                 m.weight.data = m.weight.data.contiguous(memory_format=fmt)
     return model

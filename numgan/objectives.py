@@ -66,23 +66,36 @@ def loss_g(d_fake: torch.Tensor, objective: str = "standard") -> torch.Tensor:
 #             (0, -1)/n_f KL
 # so dd = sigma * alpha + beta with alpha, beta linear in the two incoming loss gradients, and the
 # second derivative is sigma (1 - sigma) alpha: a few elementwise kernels per derivative order instead
-# of torch's softplus / mean / slice formulas (about 70 kernels in a ConOpt step).
+# of torch's softplus / mean / slice formulas (about 70 kernels in a ConOpt step). For a saturated logit
+# (sigma rounds to 1) sigma - 1 is 0 instead of -sigmoid(-d), a tiny number: the absolute error stays at
+# float rounding (~6e-8 / n in float32), as in torch's formulas; only the relative error of that tiny
+# entry is large, which no update notices.
 _G_AFFINE = {"standard": (1.0, -1.0), "JS": (-1.0, 0.0), "KL": (0.0, -1.0)}
 _COEFS: dict = {}
 
 
 def _coefs(n_real: int, n: int, objective: str, like: Tensor) -> Tensor:
-    """[4, n] constants (A_D, B_D, A_G, B_G) of the affine derivatives above, cached per shape/device."""
+    """[4, n] constants (A_D, B_D, A_G, B_G) of the affine derivatives above, cached per shape/device.
+
+    Made on the CPU and copied with a blocking copy, so a cached tensor is complete before any stream
+    (numgan.step.run_concurrently runs several) reads it; inside a CUDA-graph capture (no blocking copy
+    allowed) they are made by the graph itself and not cached."""
     key = (n_real, n, objective, like.dtype, like.device)
     c = _COEFS.get(key)
     if c is None:
-        n_f = n - n_real
-        a_g, b_g = _G_AFFINE[objective]
-        c = torch.zeros(4, n, dtype=like.dtype, device=like.device)
-        c[0, :n_real], c[0, n_real:] = 1.0 / n_real, 1.0 / n_f
-        c[1, :n_real] = -1.0 / n_real
-        c[2, n_real:], c[3, n_real:] = a_g / n_f, b_g / n_f
-        _COEFS[key] = c
+        if like.is_cuda and torch.cuda.is_current_stream_capturing():
+            return _make_coefs(n_real, n, objective, like.dtype, like.device)
+        c = _COEFS[key] = _make_coefs(n_real, n, objective, like.dtype, "cpu").to(like.device)
+    return c
+
+
+def _make_coefs(n_real: int, n: int, objective: str, dtype, device) -> Tensor:
+    n_f = n - n_real
+    a_g, b_g = _G_AFFINE[objective]
+    c = torch.zeros(4, n, dtype=dtype, device=device)
+    c[0, :n_real], c[0, n_real:] = 1.0 / n_real, 1.0 / n_f
+    c[1, :n_real] = -1.0 / n_real
+    c[2, n_real:], c[3, n_real:] = a_g / n_f, b_g / n_f
     return c
 
 

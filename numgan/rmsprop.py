@@ -37,6 +37,17 @@ class TF1RMSprop(torch.optim.Optimizer):
                         initial_accumulator=initial_accumulator)
         super().__init__(params, defaults)
 
+    def load_state_dict(self, state_dict) -> None:
+        """torch's loading, then each mean square laid out as its parameter (a checkpoint from a run whose
+        weights had another memory layout, e.g. numgan.models.set_conv_impl's channels-last GEMM layers,
+        would otherwise keep the foreach kernels off their fast path)."""
+        super().load_state_dict(state_dict)
+        for p, st in self.state.items():
+            for k in ("square_avg", "momentum_buffer"):
+                t = st.get(k)
+                if isinstance(t, torch.Tensor) and t.shape == p.shape and t.stride() != p.stride():
+                    st[k] = torch.empty_like(p).copy_(t)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None

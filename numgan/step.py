@@ -52,9 +52,11 @@ class GanStep:
         capture_error_mode: passed to ``torch.cuda.graph``; "thread_local" when other threads use the
             GPU at the same time (:func:`run_concurrently`).
         joint_d: evaluate D once on the real and fake batch stacked, instead of twice. The same function
-            when D has no batch norm (D then treats examples independently), with half the D kernels in
-            every derivative; with batch norm the two calls are kept apart (spec 1.2: each batch has its
-            own statistics). None (default): joint exactly when D has no batch-norm layer.
+            when D treats examples independently, with half the D kernels in every derivative; with
+            batch norm the two calls are kept apart (spec 1.2: each batch has its own statistics). None
+            (default): joint exactly when D has no batch-norm layer, the only layer of numgan's models
+            that couples examples; pass False for a D of your own that couples them otherwise (minibatch
+            statistics, per-call random state).
     The returned losses are fresh tensors (safe to keep); they stay on the device, so reading them is
     the caller's choice of when to synchronise.
     """
@@ -89,7 +91,8 @@ class GanStep:
         the fake and the real batch (spec 1.2); without, once on both stacked (``joint_d``)."""
         x_fake = self.G(z)
         if need_d and self.joint_d:
-            ld, lg = objectives.joint_losses(self.D(torch.cat([x_real, x_fake])), x_real.shape[0], self.objective)
+            logits = self.D(torch.cat([x_real, x_fake])).reshape(-1)
+            ld, lg = objectives.joint_losses(logits, x_real.shape[0], self.objective)
             return ld, (lg if need_g else None)
         d_fake = self.D(x_fake)
         ld = objectives.loss_d(self.D(x_real), d_fake, self.objective) if need_d else None

@@ -325,6 +325,11 @@ def test_consensus_of_mixed_layouts_is_one_dot_product():
               for i, o in enumerate(others)]
     torch.testing.assert_close(half_dot(ts, others), 0.5 * sum((t * o).sum() for t, o in zip(ts, others)),
                                rtol=1e-13, atol=0)
+    a, b = torch.randn(3, 4, generator=gen), torch.randn(4, 3, generator=gen).t()   # layouts differ
+    torch.testing.assert_close(half_dot([a], [b]), 0.5 * (a * b).sum(), rtol=1e-13, atol=0)
+    torch.testing.assert_close(half_dot([b], [a]), 0.5 * (a * b).sum(), rtol=1e-13, atol=0)
+    with pytest.raises(ValueError, match="matching shapes"):
+        half_dot([a], [a.t()])
 
     class Count(TorchDispatchMode):
         n = 0
@@ -358,8 +363,18 @@ def test_directions_reach_the_optimiser_in_the_parameters_layout():
     same = torch.randn(4, 3, 5, 5).contiguous(memory_format=torch.channels_last)
     opt._apply([same, torch.randn(4)], opt.params)
     assert seen[id(w)].data_ptr() == same.data_ptr()      # no copy
-    opt._apply([torch.randn(4, 3, 5, 5), torch.randn(4)], opt.params)    # NCHW direction: re-laid out
-    assert seen[id(w)].stride() == w.stride() and w.grad is None
+    nchw = torch.randn(4, 3, 5, 5)
+    opt._apply([nchw, torch.randn(4)], opt.params)    # NCHW direction: re-laid out, same values
+    assert seen[id(w)].stride() == w.stride() and torch.equal(seen[id(w)], nchw) and w.grad is None
+    # TF1RMSprop re-lays a checkpoint's mean squares out as its parameters
+    src = torch.nn.Parameter(w.detach().contiguous())
+    o1 = TF1RMSprop([src])
+    src.grad = torch.randn(4, 3, 5, 5)
+    o1.step()
+    o2 = TF1RMSprop([w])
+    o2.load_state_dict(o1.state_dict())
+    sa = o2.state[w]["square_avg"]
+    assert sa.stride() == w.stride() and torch.equal(sa, o1.state[src]["square_avg"])
 
 
 @pytest.mark.parametrize("objective", objectives.OBJECTIVES)
