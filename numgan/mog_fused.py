@@ -379,7 +379,6 @@ def jacobian(x: Tensor, x_real: Tensor, z: Tensor, chunk_size: Optional[int] = N
 # prepared once, every op writing into a fixed buffer (few Python-level ops; CUDA-graph friendly)
 # ----------------------------------------------------------------------------------------------------
 
-_thr_out = torch.ops.aten.threshold_backward.grad_input
 
 
 class _StepPlan:
@@ -444,22 +443,32 @@ class _StepPlan:
         self.dtG = [new(S, B, G_DIMS[l + 1]) for l in range(L)]
         self.dtD = [new(S, 3 * B, D_DIMS[l + 1]) for l in range(L)]
         self.xt_t = self.thG[-1].mT  # tangent of the fake samples, transposed
+        # ReLU masks (1 where the pre-activation is > 0): a multiply is cheaper than threshold_backward
+        self.mG = [new(S, B, H) for _ in range(L - 1)]
+        self.mD = [new(S, 3 * B, H) for _ in range(L - 1)]
+        # row blocks of the stacked D batch [real; fake (L_D); fake (L_G)], sliced once (a slice costs an op)
+        x0 = self.ADv[0]
+        self.x0_real, self.x0_fake, self.x0_fake2 = x0[:, :B], x0[:, B:2 * B], x0[:, 2 * B:]
+        self.dD0_g, self.dD0_fake = self.dD[0][:, 2 * B:], self.dD[0][:, B:2 * B]
+        self.thD0_g, self.dtD0_fakes = self.thD[0][:, 2 * B:], self.dtD[0][:, B:]
+        self.tmpX_a, self.tmpX_b = self.tmpX[:, :B], self.tmpX[:, B:]
 
     def run(self, x_real: Tensor, z: Tensor, gamma: Optional[float]) -> Tensor:
-        B, L, bmm = self.B, N_LAYERS, torch.bmm
-        PG, PD, AG, AD, hG, hD = self.PG, self.PD, self.AG, self.AD, self.hG, self.hD
+        B, L, bmm, mul = self.B, N_LAYERS, torch.bmm, torch.mul
+        PG, PD, AG, AD, hG, hD, mG, mD = self.PG, self.PD, self.AG, self.AD, self.hG, self.hD, self.mG, self.mD
         # ---- primal forward: G, then D on [real; fake (L_D); fake (L_G)] ----
         self.AGv[0].copy_(z)
         for l in range(L - 1):
             bmm(AG[l], PG[l], out=hG[l])
             torch.clamp_min(hG[l], 0, out=self.AGv[l + 1])
-        x0 = self.ADv[0]
-        x0[:, :B].copy_(x_real)
-        bmm(AG[-1], PG[-1], out=x0[:, B:2 * B])
-        x0[:, 2 * B:].copy_(x0[:, B:2 * B])
+            torch.sign(self.AGv[l + 1], out=mG[l])   # relu(h) >= 0: its sign is the mask
+        self.x0_real.copy_(x_real)
+        bmm(AG[-1], PG[-1], out=self.x0_fake)
+        self.x0_fake2.copy_(self.x0_fake)
         for l in range(L - 1):
             bmm(AD[l], PD[l], out=hD[l])
             torch.clamp_min(hD[l], 0, out=self.ADv[l + 1])
+            torch.sign(self.ADv[l + 1], out=mD[l])
         bmm(AD[-1], PD[-1], out=self.logit)
         torch.sigmoid(self.logit, out=self.sig)
         dD, dG = self.dD, self.dG
@@ -469,27 +478,27 @@ class _StepPlan:
             bmm(self.AD2t[l], self.dD2[l], out=self.UD[l])
             if l > 0:
                 bmm(dD[l], self.WDt[l], out=self.tmpD)
-                _thr_out(self.tmpD, hD[l - 1], 0, grad_input=dD[l - 1])
-        bmm(dD[0][:, 2 * B:], self.WDt[0], out=dG[-1])
+                mul(self.tmpD, mD[l - 1], out=dD[l - 1])
+        bmm(self.dD0_g, self.WDt[0], out=dG[-1])
         for l in range(L - 1, -1, -1):
             bmm(self.AGt[l], dG[l], out=self.UG[l])
             if l > 0:
                 bmm(dG[l], self.WGt[l], out=self.tmpG)
-                _thr_out(self.tmpG, hG[l - 1], 0, grad_input=dG[l - 1])
+                mul(self.tmpG, mG[l - 1], out=dG[l - 1])
         if gamma is None:
             return self.u
         # ---- HVP along t = u (see _hvp): tangent forward through G ----
         thG, taG, thD, taD, dtG, dtD = self.thG, self.taG, self.thD, self.taD, self.dtG, self.dtD
         bmm(AG[0], self.UG[0], out=thG[0])
         for l in range(1, L):
-            _thr_out(thG[l - 1], hG[l - 1], 0, grad_input=taG[l])
+            mul(thG[l - 1], mG[l - 1], out=taG[l])
             bmm(taG[l], self.WG[l], out=thG[l])
             thG[l].baddbmm_(AG[l], self.UG[l])
         # tangent forward through D: param tangent on [real; fake], input tangent on fake (L_G)
         bmm(self.AD2[0], self.UD[0], out=self.thD2[0])
-        bmm(thG[-1], self.WD[0], out=thD[0][:, 2 * B:])
+        bmm(thG[-1], self.WD[0], out=self.thD0_g)
         for l in range(1, L):
-            _thr_out(thD[l - 1], hD[l - 1], 0, grad_input=taD[l])
+            mul(thD[l - 1], mD[l - 1], out=taD[l])
             bmm(taD[l], self.WD[l], out=thD[l])
             self.thD2[l].baddbmm_(self.AD2[l], self.UD[l])
         torch.addcmul(self.sig, self.sig, self.sig, value=-1.0, out=self.s2)
@@ -501,12 +510,12 @@ class _StepPlan:
                 self.HDw[l].baddbmm_(self.taDt[l], dD[l])
                 bmm(dtD[l], self.WDt[l], out=self.tmpD)
                 self.tmpD2.baddbmm_(self.dD2[l], self.TWDt[l])
-                _thr_out(self.tmpD, hD[l - 1], 0, grad_input=dtD[l - 1])
+                mul(self.tmpD, mD[l - 1], out=dtD[l - 1])
             else:
-                self.HDw[0].baddbmm_(self.xt_t, dD[0][:, 2 * B:])
-                bmm(dtD[0][:, B:], self.WDt[0], out=self.tmpX)
-                torch.add(self.tmpX[:, :B], self.tmpX[:, B:], out=dtG[-1])
-                dtG[-1].baddbmm_(dD[0][:, B:2 * B], self.TWDt[0])
+                self.HDw[0].baddbmm_(self.xt_t, self.dD0_g)
+                bmm(self.dtD0_fakes, self.WDt[0], out=self.tmpX)
+                torch.add(self.tmpX_a, self.tmpX_b, out=dtG[-1])
+                dtG[-1].baddbmm_(self.dD0_fake, self.TWDt[0])
         # tangent backward through G
         for l in range(L - 1, -1, -1):
             bmm(self.AGt[l], dtG[l], out=self.HG[l])
@@ -514,7 +523,7 @@ class _StepPlan:
                 self.HGw[l].baddbmm_(self.taGt[l], dG[l])
                 bmm(dtG[l], self.WGt[l], out=self.tmpG)
                 self.tmpG.baddbmm_(dG[l], self.TWGt[l])
-                _thr_out(self.tmpG, hG[l - 1], 0, grad_input=dtG[l - 1])
+                mul(self.tmpG, mG[l - 1], out=dtG[l - 1])
         return self.u.add_(self.hv, alpha=gamma)
 
     def losses(self):
