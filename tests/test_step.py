@@ -228,3 +228,29 @@ def test_gemm_layers_store_their_weights_as_the_gemm_matrix():
     assert all(torch.equal(before[k], after[k]) for k in before)
     set_conv_impl(G, "native"), set_conv_impl(D, "adjoint")
     assert all(m.weight.is_contiguous() for m in convs)
+
+
+def test_fast_conopt_step_launches_half_the_kernels_of_the_plain_port():
+    """The fast path's point on a GPU is few kernels per iteration (benchmarks/count_kernels.py, which counts
+    them on the CPU with the CUDA path's substitutions). Guard: the fast ConOpt step of dcgan4_nobn launches at
+    most 60% of the plain port's kernels (298 of 570 when written; before the reductions it launched more than
+    the plain port, 646), and its consensus and combination are a handful of kernels, not three per tensor."""
+    import sys
+    from pathlib import Path
+    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, bench)
+    try:
+        from bench_step import build
+        from count_kernels import count_step
+    finally:
+        sys.path.remove(bench)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    counts = {}
+    for variant in ("plain", "fast"):
+        step, _, _ = build(variant, "conopt", "dcgan4_nobn", 4, images, torch.device("cpu"))
+        step(), step()
+        counts[variant] = count_step(step)
+    plain, fast = sum(counts["plain"].values()), sum(counts["fast"].values())
+    assert fast <= 0.6 * plain, (fast, plain)
+    # one dot product (the consensus), two multi-tensor adds (u + gamma J^T u, RMSProp's ms + eps), no zero fills
+    assert counts["fast"]["zeros_like"] == 0 and counts["fast"]["dot"] == 1 and counts["fast"]["_foreach_add"] == 2
