@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 from numgan.activations import LeakyReLU  # noqa: E402
 from numgan.data import ImageSampler  # noqa: E402
-from numgan.models import build_models, set_conv_impl  # noqa: E402
+from numgan.models import TFBatchNorm, build_models, set_conv_impl  # noqa: E402
 from numgan.train import TrainConfig, build_training, set_precision  # noqa: E402
 
 
@@ -93,6 +93,8 @@ def build(variant, method, arch, batch, images, device, seed=0, tf32=True):
         for m in list(G.modules()) + list(D.modules()):
             if isinstance(m, LeakyReLU):
                 m.__class__ = torch.nn.LeakyReLU
+            if isinstance(m, TFBatchNorm):   # and torch's batch-norm derivatives
+                m.closed_form = False
         return plain_port(G, D, method, ImageSampler(images, batch, device=device, seed=seed), 256, batch), G, D
     impl, graph = VARIANTS[variant]
     cfg = TrainConfig(dataset="synthetic", arch=arch, method=method, batch_size=batch, image_size=images.shape[-1],

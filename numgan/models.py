@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import conv
+from . import batchnorm, conv
 from .activations import LeakyReLU, leaky_relu
 
 __all__ = [
@@ -162,18 +162,27 @@ class TFBatchNorm(nn.Module):
         self.momentum = float(momentum)
         self.eps = float(eps)
         self.beta = nn.Parameter(torch.zeros(self.num_features))
+        self.closed_form = True  # numgan.batchnorm's second derivatives; False: F.batch_norm's own (same values)
         self.register_buffer("running_mean", torch.zeros(self.num_features))
         self.register_buffer("running_var", torch.ones(self.num_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # beta is added outside F.batch_norm on purpose: in torch 2.14, F.batch_norm with
-        # weight=None but a bias fails in double backward ("Expected a proper Tensor but got
-        # None"), which would break ConOpt. weight=None, bias=None double-backprops fine.
-        # The moving variance is PyTorch's (unbiased batch variance); TF-1 non-fused slim uses
-        # the biased one. That changes only eval-mode outputs, by a factor n/(n-1) in variance.
-        y = F.batch_norm(x, self.running_mean, self.running_var, None, None,
-                         self.training, self.momentum, self.eps)
         shape = (1, self.num_features) + (1,) * (x.dim() - 2)
+        if not self.training or not self.closed_form:
+            # beta is added outside F.batch_norm on purpose: in torch 2.14, F.batch_norm with weight=None
+            # but a bias fails in double backward ("Expected a proper Tensor but got None")
+            y = F.batch_norm(x, self.running_mean, self.running_var, None, None, self.training, self.momentum,
+                             self.eps)
+            return y + self.beta.view(shape)
+        n = x.numel() // max(x.shape[1], 1) if x.dim() >= 2 else 0
+        if x.dim() < 2 or x.shape[1] != self.num_features or n < 2:
+            raise ValueError(f"TFBatchNorm({self.num_features}) in training mode needs input [B, {self.num_features}, ...] "
+                             f"with more than one value per channel, got {list(x.shape)}")
+        # numgan.batchnorm: F.batch_norm's kernels, values and first derivatives, with closed-form second
+        # derivatives (fewer kernels in ConOpt's double backprop). The moving variance is PyTorch's (unbiased batch
+        # variance); TF-1 non-fused slim uses the biased one. That changes only eval-mode outputs, by a
+        # factor n/(n-1) in variance.
+        y = batchnorm.batch_norm_train(x, self.running_mean, self.running_var, self.momentum, self.eps)
         return y + self.beta.view(shape)
 
     def extra_repr(self) -> str:

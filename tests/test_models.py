@@ -525,3 +525,73 @@ def test_leaky_relu_function_has_torchs_values_and_derivatives_of_every_order():
     with Ops() as ops:
         torch.autograd.grad(g.square().sum(), x)
     assert "leaky_relu_backward" in ops.names and not {"zeros_like", "zero_", "fill_"} & set(ops.names)
+
+
+@pytest.mark.parametrize("shape", [(6, 3, 4, 5), (7, 4)])
+def test_batch_norm_closed_form_derivatives_equal_torchs(shape):
+    """numgan.batchnorm.batch_norm_train: F.batch_norm's values, running averages and first derivative
+    exactly (the same kernels), its second derivatives to rounding, forward mode, and third derivatives
+    (which torch does not have for batch norm) that pass a finite-difference check (float64)."""
+    from numgan.batchnorm import batch_norm_train
+    gen = torch.Generator().manual_seed(2)
+    x = (2 * torch.randn(*shape, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
+    w = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    c = shape[1]
+    stats = [torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)]
+    ref_stats = [t.clone() for t in stats]
+    ours = lambda t: batch_norm_train(t, *stats, 0.1, 1e-3)  # noqa: E731
+    ref = lambda t: F.batch_norm(t, *ref_stats, None, None, True, 0.1, 1e-3)  # noqa: E731
+    y, y_ref = ours(x), ref(x)
+    assert torch.equal(y, y_ref) and torch.equal(stats[0], ref_stats[0]) and torch.equal(stats[1], ref_stats[1])
+
+    def consensus(fn, t):   # a ConOpt-like second-order quantity
+        out = fn(t)
+        g, = torch.autograd.grad((out * w).square().sum() + (out ** 3).sum(), t, create_graph=True)
+        h, = torch.autograd.grad(g.square().sum(), t, create_graph=True)
+        return g, h
+
+    (g, h), (g_ref, h_ref) = consensus(ours, x), consensus(ref, x)
+    assert torch.equal(g, g_ref)
+    torch.testing.assert_close(h, h_ref, rtol=1e-12, atol=1e-10)
+    assert torch.autograd.gradcheck(ours, (x,)) and torch.autograd.gradgradcheck(ours, (x,))
+    assert torch.autograd.gradcheck(lambda t: consensus(ours, t)[1], (x,))   # third derivatives
+    v = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(torch.func.jvp(ours, (x.detach(),), (v,))[1],
+                               torch.func.jvp(ref, (x.detach(),), (v,))[1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.fixture
+def float64_default():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def test_tf_batchnorm_closed_form_gives_torchs_conopt_update(float64_default):
+    """A dcgan4 ConOpt step (batch norm in G and D) with numgan's batch-norm second derivatives equals the
+    one with torch's (float64), and a one-value-per-channel batch is a clear error."""
+    from numgan.optim import make_game_optimizer
+    gen = torch.Generator().manual_seed(4)
+    z, x = torch.randn(6, 8, generator=gen), torch.rand(6, 3, 16, 16, generator=gen) * 2 - 1
+    ends = []
+    for closed in (True, False):
+        torch.manual_seed(0)
+        G, D = build_models("dcgan4", 16, z_dim=8, f_dim=4)
+        for m in list(G.modules()) + list(D.modules()):
+            if isinstance(m, TFBatchNorm):
+                m.closed_form = closed
+        opt = make_game_optimizer("conopt", G.parameters(), D.parameters(), gamma=0.7,
+                                  optimizer=lambda ps: torch.optim.SGD(ps, lr=1.0))
+
+        def closure(need_d=True, need_g=True):
+            d_fake = D(G(z))
+            return F.softplus(-D(x)).mean() + F.softplus(d_fake).mean(), F.softplus(-d_fake).mean()
+
+        opt.step(closure)
+        ends.append([p.detach().clone() for p in list(G.parameters()) + list(D.parameters())]
+                    + [b.clone() for b in list(G.buffers()) + list(D.buffers())])
+    for a, b in zip(*ends):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        TFBatchNorm(3).double()(torch.randn(1, 3))
