@@ -10,7 +10,7 @@ three CUDA-path substitutions:
   torch fallback of several operators instead);
 * a ``_foreach_*`` operator counts as one kernel (on CUDA it is one multi-tensor launch per ~100
   tensors);
-* torch.optim's RMSprop (the plain port's) takes its foreach path, as it does on CUDA by default;
+* torch.optim's RMSprop (the plain port's) is built with foreach=True, its default on CUDA;
 * RNG and host-to-device copies of the minibatch are counted like any other operator.
 
 The counts are a property of the code, not of the machine, so they are recorded for the CPU; the
@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.optim.rmsprop as _rmsprop
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -93,15 +92,14 @@ def _as_one_kernel(counter: KernelCounter, fn, name: str):
 def count_step(step) -> collections.Counter:
     """Kernel counts (by operator name) of one call of ``step``, CUDA-path substitutions applied."""
     counter = KernelCounter()
-    saved = conv._im2col_torch, conv._col2im_torch, _rmsprop._default_to_fused_or_foreach
+    saved = conv._im2col_torch, conv._col2im_torch
     conv._im2col_torch = _as_one_kernel(counter, saved[0], "im2col")
     conv._col2im_torch = _as_one_kernel(counter, saved[1], "col2im")
-    _rmsprop._default_to_fused_or_foreach = lambda *a, **k: (False, True)   # CUDA's default
     try:
         with counter:
             step()
     finally:
-        conv._im2col_torch, conv._col2im_torch, _rmsprop._default_to_fused_or_foreach = saved
+        conv._im2col_torch, conv._col2im_torch = saved
     return counter.counts
 
 

@@ -20,7 +20,9 @@ derivatives); these formulas take about 20. The forward pass and the first deriv
 kernels (``native_batch_norm`` and its backward), so values, running averages and first derivatives are
 exactly ``F.batch_norm``'s, and SimGA / AltGA steps are unchanged; second derivatives agree to rounding
 (float64 tests). Third derivatives (torch has none for batch norm) are those of the formulas, recomputed
-with differentiable operations when a graph is being built.
+with differentiable operations when a graph is being built; forward mode (``jvp``, also over a backward
+pass) is supported. ``torch.func.vmap`` is not (the running averages are updated in place, as with
+``F.batch_norm``).
 """
 import torch
 from torch import Tensor
@@ -94,6 +96,21 @@ class _BatchNormGrad(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         g, x, mean, invstd, ctx.eps = inputs
         ctx.save_for_backward(g, x, mean, invstd, output)
+        ctx.save_for_forward(g, x, mean, invstd, output)
+
+    @staticmethod
+    def jvp(ctx, g_t, x_t, *_):
+        """d(gx) = B(g_t) - r mean(x_hat x_t) gx - r <gx, x_t> / n x_hat - r m B(x_t)  (m = mean(g x_hat))."""
+        g, x, mean, invstd, gx = ctx.saved_tensors
+        r = _as_channels(invstd, x)
+        x_hat = (x - _as_channels(mean, x)) * r
+        d = _dims(g)
+        out = _b(g_t, x_hat, r) if g_t is not None else torch.zeros_like(gx)
+        if x_t is not None:
+            m = (g * x_hat).mean(d, keepdim=True)
+            out = out - r * ((x_hat * x_t).mean(d, keepdim=True) * gx + (gx * x_t).mean(d, keepdim=True) * x_hat
+                             + m * _b(x_t, x_hat, r))
+        return out
 
     @staticmethod
     def backward(ctx, gg):

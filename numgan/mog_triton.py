@@ -108,22 +108,23 @@ if triton is not None:
         return w, b, w, b, w, b, w, b, w, b
 
     @triton.jit
-    def _rmsprop(x, ms, offs, m, g, lr, decay, eps):
+    def _rmsprop(x, ms, offs, m, g, lr, decay, omd, eps):
         """TF-1 RMSProp on the entries ``offs`` (mask m) of one seed's parameters x and mean squares ms, with
-        direction g: ms <- decay ms + (1 - decay) g^2, x <- x - lr g / sqrt(ms + eps) (numgan.rmsprop)."""
+        direction g: ms <- decay ms + (1 - decay) g^2, x <- x - lr g / sqrt(ms + eps) (numgan.rmsprop;
+        ``omd`` = 1 - decay, rounded on the host as torch rounds it). Both are loaded before either is stored."""
         v = tl.load(ms + offs, mask=m, other=1.0)
-        v = v * decay + (1.0 - decay) * (g * g)
-        tl.store(ms + offs, v, mask=m)
         w = tl.load(x + offs, mask=m, other=0.0)
-        if v.dtype == tl.float32:   # IEEE-rounded root and quotient, as torch's sqrt and addcdiv
-            d = tl.div_rn(lr * g, tl.sqrt_rn(v + eps))
+        v = v * decay + omd * (g * g)
+        if v.dtype == tl.float32:   # IEEE-rounded root and quotient, in addcdiv's form w - lr * (g / den)
+            d = lr * tl.div_rn(g, tl.sqrt_rn(v + eps))
         else:                       # float64 (the interpreter's tests)
-            d = lr * g / tl.sqrt(v + eps)
+            d = lr * (g / tl.sqrt(v + eps))
+        tl.store(ms + offs, v, mask=m)
         tl.store(x + offs, w - d, mask=m)
 
     @triton.jit
     def _put(o, q, OFF: tl.constexpr, IN: tl.constexpr, OUT: tl.constexpr, w, b, gam,
-             ADD: tl.constexpr, FINAL: tl.constexpr, x, ms, lr, decay, eps, OPT: tl.constexpr):
+             ADD: tl.constexpr, FINAL: tl.constexpr, x, ms, lr, decay, omd, eps, OPT: tl.constexpr):
         """Write a layer block (w, b) at o: with ADD, first add what o holds (an earlier kernel's part); with
         FINAL, write u + gam * (w, b) instead, u read from q (the finished ConOpt direction). With OPT, apply
         the RMSProp update (:func:`_rmsprop`) with that block to the seed's parameters x and mean squares ms
@@ -140,31 +141,31 @@ if triton is not None:
             w = tl.load(q + OFF + i * OUT + j, mask=mw, other=0.0) + gam * w
             b = tl.load(q + OFF + IN * OUT + c, mask=mb, other=0.0) + gam * b
         if OPT:
-            _rmsprop(x, ms, OFF + i * OUT + j, mw, w, lr, decay, eps)
-            _rmsprop(x, ms, OFF + IN * OUT + c, mb, b, lr, decay, eps)
+            _rmsprop(x, ms, OFF + i * OUT + j, mw, w, lr, decay, omd, eps)
+            _rmsprop(x, ms, OFF + IN * OUT + c, mb, b, lr, decay, omd, eps)
         else:
             tl.store(o + OFF + i * OUT + j, w, mask=mw)
             tl.store(o + OFF + IN * OUT + c, b, mask=mb)
 
     @triton.jit
     def _putG(o, q, W0, b0, W1, b1, W2, b2, W3, b3, W4, b4, gam, ADD: tl.constexpr, FINAL: tl.constexpr,
-              x, ms, lr, decay, eps, OPT: tl.constexpr):
+              x, ms, lr, decay, omd, eps, OPT: tl.constexpr):
         """G's five layer blocks through :func:`_put` (the layout _ldG reads)."""
-        _put(o, q, 0, 16, 16, W0, b0, gam, ADD, FINAL, x, ms, lr, decay, eps, OPT)
-        _put(o, q, 272, 16, 16, W1, b1, gam, ADD, FINAL, x, ms, lr, decay, eps, OPT)
-        _put(o, q, 544, 16, 16, W2, b2, gam, ADD, FINAL, x, ms, lr, decay, eps, OPT)
-        _put(o, q, 816, 16, 16, W3, b3, gam, ADD, FINAL, x, ms, lr, decay, eps, OPT)
-        _put(o, q, 1088, 16, 2, W4, b4, gam, ADD, FINAL, x, ms, lr, decay, eps, OPT)
+        _put(o, q, 0, 16, 16, W0, b0, gam, ADD, FINAL, x, ms, lr, decay, omd, eps, OPT)
+        _put(o, q, 272, 16, 16, W1, b1, gam, ADD, FINAL, x, ms, lr, decay, omd, eps, OPT)
+        _put(o, q, 544, 16, 16, W2, b2, gam, ADD, FINAL, x, ms, lr, decay, omd, eps, OPT)
+        _put(o, q, 816, 16, 16, W3, b3, gam, ADD, FINAL, x, ms, lr, decay, omd, eps, OPT)
+        _put(o, q, 1088, 16, 2, W4, b4, gam, ADD, FINAL, x, ms, lr, decay, omd, eps, OPT)
 
     @triton.jit
     def _putD(o, q, V0, c0, V1, c1, V2, c2, V3, c3, V4, c4, gam, ADD: tl.constexpr, FINAL: tl.constexpr,
-              x, ms, lr, decay, eps, OPT: tl.constexpr):
+              x, ms, lr, decay, omd, eps, OPT: tl.constexpr):
         """D's five layer blocks through :func:`_put` (the layout _ldD reads)."""
-        _put(o, q, 1122, 2, 16, V0, c0, gam, ADD, FINAL, x, ms, lr, decay, eps, OPT)
-        _put(o, q, 1170, 16, 16, V1, c1, gam, ADD, FINAL, x, ms, lr, decay, eps, OPT)
-        _put(o, q, 1442, 16, 16, V2, c2, gam, ADD, FINAL, x, ms, lr, decay, eps, OPT)
-        _put(o, q, 1714, 16, 16, V3, c3, gam, ADD, FINAL, x, ms, lr, decay, eps, OPT)
-        _put(o, q, 1986, 16, 1, V4, c4, gam, ADD, FINAL, x, ms, lr, decay, eps, OPT)
+        _put(o, q, 1122, 2, 16, V0, c0, gam, ADD, FINAL, x, ms, lr, decay, omd, eps, OPT)
+        _put(o, q, 1170, 16, 16, V1, c1, gam, ADD, FINAL, x, ms, lr, decay, omd, eps, OPT)
+        _put(o, q, 1442, 16, 16, V2, c2, gam, ADD, FINAL, x, ms, lr, decay, omd, eps, OPT)
+        _put(o, q, 1714, 16, 16, V3, c3, gam, ADD, FINAL, x, ms, lr, decay, omd, eps, OPT)
+        _put(o, q, 1986, 16, 1, V4, c4, gam, ADD, FINAL, x, ms, lr, decay, omd, eps, OPT)
 
     @triton.jit
     def _mm(a, b, PREC: tl.constexpr):
@@ -301,8 +302,8 @@ if triton is not None:
             gW0 += _mmT(a0, gl, PREC)
             gb0 += tl.sum(gl, axis=0)
         o = OUT + (k * S + s) * 2003
-        _putG(o, o, gW0, gb0, gW1, gb1, gW2, gb2, gW3, gb3, gW4, gb4, 0.0, False, False, o, o, 0.0, 0.0, 0.0, False)
-        _putD(o, o, gV0, gc0, gV1, gc1, gV2, gc2, gV3, gc3, gV4, gc4, 0.0, False, False, o, o, 0.0, 0.0, 0.0, False)
+        _putG(o, o, gW0, gb0, gW1, gb1, gW2, gb2, gW3, gb3, gW4, gb4, 0.0, False, False, o, o, 0.0, 0.0, 0.0, 0.0, False)
+        _putD(o, o, gV0, gc0, gV1, gc1, gV2, gc2, gV3, gc3, gV4, gc4, 0.0, False, False, o, o, 0.0, 0.0, 0.0, 0.0, False)
         lo = LOSS + (k * S + s) * 2
         tl.store(lo, tl.sum(sum_ld, axis=0) * inv_b)
         tl.store(lo + 1, tl.sum(sum_lg, axis=0) * inv_b)
@@ -364,10 +365,10 @@ if triton is not None:
             hV0 += _mmT(e0, dt, PREC)
             hc0 += tl.sum(dt, axis=0)
         o = OUT + (k * S + s) * 2003
-        _putD(o, o, hV0, hc0, hV1, hc1, hV2, hc2, hV3, hc3, hV4, hc4, 0.0, False, False, o, o, 0.0, 0.0, 0.0, False)
+        _putD(o, o, hV0, hc0, hV1, hc1, hV2, hc2, hV3, hc3, hV4, hc4, 0.0, False, False, o, o, 0.0, 0.0, 0.0, 0.0, False)
 
     @triton.jit
-    def _hvp_fake_kernel(P, U, Z, OUT, DXT, GL, S, B, rows_per_prog, inv_b, gam, X, MS, lr, decay, eps,
+    def _hvp_fake_kernel(P, U, Z, OUT, DXT, GL, S, B, rows_per_prog, inv_b, gam, X, MS, lr, decay, omd, eps,
                          T: tl.constexpr, PREC: tl.constexpr, FINAL: tl.constexpr, OPT: tl.constexpr):
         """Fake rows: D's block of H_{L_D}(0, t_phi) + H_{L_G}(t_theta, 0) (added to the real rows' part in
         OUT), and per row the two 2-vectors G's tangent backward needs: the tangent of dL/dx_fake (DXT)
@@ -472,10 +473,10 @@ if triton is not None:
         if OPT:   # every warp is done reading D's parameters before any of them is updated
             tl.debug_barrier()
         _putD(o, q, hV0, hc0, hV1, hc1, hV2, hc2, hV3, hc3, hV4, hc4, gam, True, FINAL,
-              X + s * 2003, MS + s * 2003, lr, decay, eps, OPT)
+              X + s * 2003, MS + s * 2003, lr, decay, omd, eps, OPT)
 
     @triton.jit
-    def _hvp_g_kernel(P, U, Z, OUT, DXT, GL, S, B, rows_per_prog, gam, X, MS, lr, decay, eps,
+    def _hvp_g_kernel(P, U, Z, OUT, DXT, GL, S, B, rows_per_prog, gam, X, MS, lr, decay, omd, eps,
                       T: tl.constexpr, PREC: tl.constexpr, FINAL: tl.constexpr, RELOAD: tl.constexpr,
                       OPT: tl.constexpr):
         """G's block of H_{L_G}(t_theta, 0) + H_{L_D}(0, t_phi): the tangent backward through G from DXT,
@@ -525,7 +526,7 @@ if triton is not None:
         if OPT:   # every warp is done reading G's parameters before any of them is updated
             tl.debug_barrier()
         _putG(o, q, hW0, hb0, hW1, hb1, hW2, hb2, hW3, hb3, hW4, hb4, gam, False, FINAL,
-              X + s * 2003, MS + s * 2003, lr, decay, eps, OPT)
+              X + s * 2003, MS + s * 2003, lr, decay, omd, eps, OPT)
 
 
 OPTIONS = ("precision", "tile", "split", "num_warps", "reload")  # the keyword options of direction()
@@ -663,14 +664,15 @@ def _launch(params, x_real, z, gamma, opt, precision, tile, split, num_warps, re
         return ws.u, ws.losses
     final = split == 1
     ms, lr, decay, eps = opt if opt is not None else (params, 0.0, 0.0, 0.0)
+    omd = 1.0 - decay   # rounded to float32 from the double, as torch's addcmul value is
     fused = opt is not None
     _hvp_real_kernel[grid](params, ws.u, x_real, ws.h_parts, S, B, rows, 1.0 / B,
                            T=tile, PREC=precision, RELOAD=reload, num_warps=num_warps)
     _hvp_fake_kernel[grid](params, ws.u, z, ws.h_parts, ws.dxt, ws.gl, S, B, rows, 1.0 / B, float(gamma),
-                           params, ms, lr, decay, eps, T=tile, PREC=precision, FINAL=final, OPT=fused,
+                           params, ms, lr, decay, omd, eps, T=tile, PREC=precision, FINAL=final, OPT=fused,
                            num_warps=num_warps)
     _hvp_g_kernel[grid](params, ws.u, z, ws.h_parts, ws.dxt, ws.gl, S, B, rows, float(gamma),
-                        params, ms, lr, decay, eps, T=tile, PREC=precision, FINAL=final, RELOAD=reload,
+                        params, ms, lr, decay, omd, eps, T=tile, PREC=precision, FINAL=final, RELOAD=reload,
                         OPT=fused, num_warps=num_warps)
     if split > 1:
         torch.sum(ws.h_parts, 0, out=ws.out)

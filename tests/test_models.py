@@ -558,6 +558,10 @@ def test_batch_norm_closed_form_derivatives_equal_torchs(shape):
     v = torch.randn(*shape, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(torch.func.jvp(ours, (x.detach(),), (v,))[1],
                                torch.func.jvp(ref, (x.detach(),), (v,))[1], rtol=1e-12, atol=1e-12)
+    # forward over reverse (a Hessian-vector product), as numgan.spectrum's operators take it
+    hvp = lambda fn: torch.func.jvp(torch.func.grad(lambda t: (fn(t) * w).square().sum() + (fn(t) ** 3).sum()),  # noqa: E731
+                                    (x.detach(),), (v,))[1]
+    torch.testing.assert_close(hvp(ours), hvp(ref), rtol=1e-11, atol=1e-10)
 
 
 @pytest.fixture
