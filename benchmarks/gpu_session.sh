@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Re-measure the issue-4 targets on one GPU, in parts that each finish in well under 10 minutes on an H100
+# (what one command on this project's GPU machines may take). Results are appended to
+# benchmarks/results/*-cuda.md with the device, date and commit, as every benchmark's --record does.
+#
+#   bash benchmarks/gpu_session.sh step    # target 1: the image step (plain port vs fast path) + a kernel profile
+#   bash benchmarks/gpu_session.sh mog     # target 2: MoG seed-steps/s, float32 and TF32 Triton kernels
+#   bash benchmarks/gpu_session.sh eval    # targets 3-5: Jacobian, Inception Score, concurrent runs
+#   bash benchmarks/gpu_session.sh cost    # the README's per-figure cost table (~6 min); GAIN = the
+#                                          # 4-run ConOpt throughput gain from `eval` (default 1.28)
+#
+# torch-fidelity must be importable for `eval` and `cost` (see the top-level README).
+set -euo pipefail
+part=${1:?usage: bash benchmarks/gpu_session.sh step|mog|eval|cost}
+export PYTHONUNBUFFERED=1
+py=${PYTHON:-python}
+case "$part" in
+  step)
+    "$py" benchmarks/bench_step.py --device cuda --methods simga,altga,conopt --variants plain,fast \
+          --check-iters 10 --record
+    "$py" benchmarks/profile_step.py --method conopt --variant fast --rows 30 --summary
+    ;;
+  mog)
+    "$py" benchmarks/bench_mog.py --device cuda --seeds 256 --methods conopt --engines fused --graph-k 10 \
+          --repeat 5 --triton-precisions ieee:16:4:1 tf32:32:4:16 --record
+    ;;
+  eval)
+    "$py" benchmarks/bench_jacobian.py --device cuda --record
+    "$py" benchmarks/bench_inception.py --device cuda --record
+    "$py" benchmarks/bench_sweep.py --device cuda --iters 300 --ks 1,4 --methods conopt,altga --record
+    ;;
+  cost)
+    "$py" benchmarks/bench_cost.py --device cuda --concurrency-gain "${GAIN:-1.28}" --record
+    ;;
+  *)
+    echo "unknown part '$part': choose step, mog, eval or cost" >&2
+    exit 2
+    ;;
+esac
