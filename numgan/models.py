@@ -109,6 +109,8 @@ class SameConv2d(nn.Conv2d):
         left, right = tf_same_padding(x.shape[-1], self.same_kernel, self.same_stride)
         if self.impl == "gemm":  # im2col reads the zero padding itself
             return conv.conv2d_gemm(x, self.weight, self.bias, self.same_stride, (top, bottom, left, right))
+        if self.impl == "native" and top == bottom and left == right:   # e.g. 3x3 stride 1: the conv pads itself
+            return F.conv2d(x, self.weight, self.bias, self.same_stride, (top, left))
         if top or bottom or left or right:
             x = F.pad(x, (left, right, top, bottom))
         if self.impl == "adjoint":
