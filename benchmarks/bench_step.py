@@ -10,7 +10,10 @@ Variants, all on the same models, data and precision:
   graph        native convolutions, the step replayed from a CUDA graph (numgan.step.GanStep)
   adjoint-graph  convolutions whose derivatives of every order are cuDNN calls (numgan.conv) + graph
   fast         what numgan.train uses on CUDA: the graph, with im2col/GEMM convolutions (numgan.conv)
-               for ConOpt (numgan.train.fast_conv_impl; SimGA and AltGA keep native convolutions)
+               for ConOpt (numgan.train.fast_conv_impl; SimGA and AltGA keep native convolutions), and D
+               evaluated once on [real; fake] (numgan.step.GanStep's joint_d, for D without batch norm)
+  fast-split-d the same with D called on the real and the fake batch separately: fewer FLOPs (the joint
+               pass backpropagates L_G through zero real rows: ConOpt 171 vs 155 GFLOP), twice the D kernels
   (--variants also takes "adjoint" and "gemm": those convolutions without the graph)
 Each row is the median over --repeat timed blocks of --iters iterations (after --warmup iterations),
 with the device synchronised around each block. The check column compares the fast path's parameters
@@ -77,9 +80,11 @@ def plain_port(G, D, method, sampler, z_dim, batch, lr=1e-4, gamma=10.0):
     return step
 
 
-VARIANTS = {  # name -> (conv implementation, CUDA graph); None = the plain port; impl None = numgan.train's
-    "plain": None, "eager": ("native", False), "graph": ("native", True), "adjoint-graph": ("adjoint", True),
-    "fast": (None, True), "adjoint": ("adjoint", False), "gemm": ("gemm", False),
+VARIANTS = {  # name -> (conv implementation, CUDA graph, joint D pass); None = the plain port;
+    # impl None = numgan.train's choice (fast_conv_impl); joint None = GanStep's default (joint without batch norm)
+    "plain": None, "eager": ("native", False, None), "graph": ("native", True, None),
+    "adjoint-graph": ("adjoint", True, None), "fast": (None, True, None), "fast-split-d": (None, True, False),
+    "adjoint": ("adjoint", False, None), "gemm": ("gemm", False, None), "eager-split-d": ("native", False, False),
 }
 
 
@@ -97,10 +102,10 @@ def build(variant, method, arch, batch, images, device, seed=0, tf32=True):
             if isinstance(m, TFBatchNorm):   # and torch's batch-norm derivatives
                 m.closed_form = False
         return plain_port(G, D, method, ImageSampler(images, batch, device=device, seed=seed), 256, batch), G, D
-    impl, graph = VARIANTS[variant]
+    impl, graph, joint = VARIANTS[variant]
     cfg = TrainConfig(dataset="synthetic", arch=arch, method=method, batch_size=batch, image_size=images.shape[-1],
                       seed=seed, tf32=tf32)
-    run = build_training(cfg, images, device, fast=graph)   # numgan.train's own construction
+    run = build_training(cfg, images, device, fast=graph, joint_d=joint)   # numgan.train's own construction
     if impl is not None:
         set_conv_impl(run.G, impl), set_conv_impl(run.D, impl)
     return run.step, run.G, run.D
@@ -150,10 +155,15 @@ def main():
     images = torch.randint(0, 256, (2048, 3, 32, 32), dtype=torch.uint8)
     rows, base = [], {}
     for method in args.methods.split(","):
-        step, G, D = build("eager", method, args.arch, args.batch, images, device, tf32=tf32_on)
-        step()
-        flops = flops_per_step(step)   # counted on the eager step (the same arithmetic as every variant)
+        # counted on the eager step (a graph hides its ops), once per form of the D pass: the plain port and
+        # fast-split-d call D twice, the other variants once on [real; fake] when D has no batch norm
+        flops_of = {}
+        for name in ("eager", "eager-split-d"):
+            step = build(name, method, args.arch, args.batch, images, device, tf32=tf32_on)[0]
+            step()
+            flops_of[name] = flops_per_step(step)
         for variant in args.variants.split(","):
+            flops = flops_of["eager-split-d" if variant in ("plain", "fast-split-d") else "eager"]
             step, G, D = build(variant, method, args.arch, args.batch, images, device, tf32=tf32_on)
             for _ in range(args.warmup):
                 step()

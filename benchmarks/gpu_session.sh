@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED=1
 py=${PYTHON:-python}
 case "$part" in
   step)
-    "$py" benchmarks/bench_step.py --device cuda --methods simga,altga,conopt --variants plain,fast \
+    "$py" benchmarks/bench_step.py --device cuda --methods simga,altga,conopt --variants plain,fast,fast-split-d \
           --check-iters 10 --record
     "$py" benchmarks/profile_step.py --method conopt --variant fast --rows 30 --summary
     ;;

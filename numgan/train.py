@@ -145,9 +145,10 @@ class Training:
 
 
 def build_training(cfg: TrainConfig, images: torch.Tensor, device, fast: Optional[bool] = None,
-                   capture_error_mode: str = "global") -> Training:
+                   capture_error_mode: str = "global", joint_d: Optional[bool] = None) -> Training:
     """The players (seeded initialisation), game optimiser, minibatch sampler, latent generator and step of
     one run, exactly as :func:`train` trains it (the benchmarks time this too). ``fast`` as in :func:`train`;
+    ``joint_d`` as in numgan.step.GanStep (None: its default);
     applies ``cfg.tf32`` (:func:`set_precision`)."""
     device = torch.device(device)
     with _INIT_LOCK:   # the initialisation draws from torch's global generator: one run at a time
@@ -169,7 +170,7 @@ def build_training(cfg: TrainConfig, images: torch.Tensor, device, fast: Optiona
     # needs L_D (numgan.step; eager, or replayed from a CUDA graph when fast on CUDA)
     step = GanStep(G, D, opt, cfg.objective,
                    draw_z=lambda: torch.randn(cfg.batch_size, cfg.z_dim, generator=zgen, device=device),
-                   draw_real=sampler, graph=fast, capture_error_mode=capture_error_mode)
+                   draw_real=sampler, graph=fast, capture_error_mode=capture_error_mode, joint_d=joint_d)
     return Training(G, D, opt, sampler, zgen, step)
 
 
