@@ -579,6 +579,13 @@ class FusedMoG:
     def n_seeds(self) -> int:
         return self.params.shape[0]
 
+    def _triton_workspace(self):
+        """The Triton backend's buffers (numgan.mog_triton.Workspace), made on first use."""
+        from . import mog_triton
+        if self._plan is None:
+            self._plan = mog_triton.Workspace(self.params)
+        return self._plan
+
     def _check_batch(self, x_real: Tensor, z: Tensor) -> None:
         B = x_real.shape[1] if x_real.dim() == 3 else -1
         if x_real.shape != (self.n_seeds, B, X_DIM) or z.shape != (self.n_seeds, B, Z_DIM):
@@ -596,10 +603,8 @@ class FusedMoG:
         gamma = self.gamma if self.method == "conopt" else None
         if self.backend == "triton":
             from . import mog_triton
-            if self._plan is None:
-                self._plan = mog_triton.Workspace(self.params)
             g, ls = mog_triton.direction(self.params, x_real.contiguous(), z.contiguous(), gamma,
-                                         workspace=self._plan, **self.triton_options)
+                                         workspace=self._triton_workspace(), **self.triton_options)
             return g, ((ls[:, 0].clone(), ls[:, 1].clone()) if losses else None)
         if self._plan is None or self._plan.B != B:
             self._plan = _StepPlan(self.params, S, B)
@@ -623,11 +628,10 @@ class FusedMoG:
         if self._fused_update():
             from . import mog_triton
             self._check_batch(x_real, z)
-            if self._plan is None:
-                self._plan = mog_triton.Workspace(self.params)
             opts = {k: v for k, v in self.triton_options.items() if k != "split"}
             ls = mog_triton.conopt_step(self.params, self.square_avg, x_real.contiguous(), z.contiguous(),
-                                        self.gamma, self.lr, self.decay, self.eps, workspace=self._plan, **opts)
+                                        self.gamma, self.lr, self.decay, self.eps,
+                                        workspace=self._triton_workspace(), **opts)
             return ls[:, 0], ls[:, 1]
         g, _ = self.direction(x_real, z)
         sq = self.square_avg

@@ -105,11 +105,7 @@ class _JointLosses(torch.autograd.Function):
         ctx.n_real, ctx.objective = n_real, objective
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(d)
-        d_r, d_f = d[:n_real], d[n_real:]
-        ld = F.softplus(-d_r).mean() + F.softplus(d_f).mean()
-        lg = {"standard": lambda: F.softplus(-d_f).mean(), "JS": lambda: -F.softplus(d_f).mean(),
-              "KL": lambda: -d_f.mean()}[objective]()
-        return ld, lg
+        return loss_d(d[:n_real], d[n_real:], objective), loss_g(d[n_real:], objective)
 
     @staticmethod
     def backward(ctx, g_d: Optional[Tensor], g_g: Optional[Tensor]):

@@ -564,15 +564,7 @@ def test_batch_norm_closed_form_derivatives_equal_torchs(shape):
     torch.testing.assert_close(hvp(ours), hvp(ref), rtol=1e-11, atol=1e-10)
 
 
-@pytest.fixture
-def float64_default():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
-def test_tf_batchnorm_closed_form_gives_torchs_conopt_update(float64_default):
+def test_tf_batchnorm_closed_form_gives_torchs_conopt_update(float64):
     """A dcgan4 ConOpt step (batch norm in G and D) with numgan's batch-norm second derivatives equals the
     one with torch's (float64), and a one-value-per-channel batch is a clear error."""
     from numgan.optim import make_game_optimizer

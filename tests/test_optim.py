@@ -11,13 +11,8 @@ from numgan.rmsprop import TF1RMSprop
 
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    """Exact comparisons in float64, restored afterwards (other test modules run in float32)."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+# exact comparisons in float64 (conftest.float64), restored after each test (other modules run in float32)
+pytestmark = pytest.mark.usefixtures("float64")
 
 SGD1 = lambda params: torch.optim.SGD(params, lr=1.0)  # noqa: E731  the update is then exactly -direction
 

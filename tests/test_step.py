@@ -19,14 +19,6 @@ from numgan.step import GanStep
 from numgan.train import TrainConfig, train
 
 
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def _perturb(model, gen):
     with torch.no_grad():
         for p in model.parameters():
