@@ -82,6 +82,7 @@ class GanStep:
         self._pattern: Optional[list] = None     # [(need_d, need_g)] per closure call of one step
         self._buffers: list = []                 # static (z, x_real or None) per call
         self._cuda_graph = None
+        self._side = None                        # CUDA: the side stream of warm-up and capture (_work_stream)
         self._out = None
         self._step_counts: dict = {}
 
@@ -157,14 +158,29 @@ class GanStep:
 
     step = __call__
 
+    def _work_stream(self):
+        """The stream of this step's warm-up and capture: the caller's, unless that is the default stream
+        (which cannot be captured), then one side stream of this step's own.
+
+        Not torch.cuda.graph's default, which is one stream shared by every capture in the process: cuBLAS
+        workspaces are keyed by (handle, stream), and the backward GEMMs of every run share the autograd
+        engine thread's handle, so graphs captured on one stream would share their cuBLAS workspaces and
+        race when replayed at the same time (:func:`run_concurrently`). On an H100 that hung the GPU."""
+        cur = torch.cuda.current_stream()
+        if cur != torch.cuda.default_stream(cur.device):
+            return cur
+        if self._side is None:
+            self._side = torch.cuda.Stream(cur.device)
+        return self._side
+
     def _warmup_step(self) -> dict:
         calls, before = [], self._counters()
         if self.graph:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
+            side, cur = self._work_stream(), torch.cuda.current_stream()
+            side.wait_stream(cur)
             with torch.cuda.stream(side):
                 out = self.opt.step(self._eager_closure(calls))
-            torch.cuda.current_stream().wait_stream(side)
+            cur.wait_stream(side)
         else:
             out = self.opt.step(self._eager_closure(calls))
         pattern = [(need_d, need_g) for need_d, need_g, _, _ in calls]
@@ -193,7 +209,7 @@ class GanStep:
         with _CAPTURE_LOCK:
             torch.cuda.synchronize()
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, capture_error_mode=self.capture_error_mode):
+            with torch.cuda.graph(g, stream=self._work_stream(), capture_error_mode=self.capture_error_mode):
                 self._out = self.opt.step(self._static_closure())
             torch.cuda.synchronize()
         # the capture ran the step's Python without executing it: undo its counter increments
@@ -204,9 +220,11 @@ class GanStep:
 def run_concurrently(jobs: Sequence[Callable[[str], object]], device, concurrent: int) -> list:
     """Run ``jobs`` (each ``job(capture_error_mode) -> result``) ``concurrent`` at a time on one GPU.
 
-    Each job runs in its own thread on its own CUDA stream and is told to capture its CUDA graph with
-    ``capture_error_mode="thread_local"`` (captures are serialised by a lock; the other threads keep
-    replaying meanwhile). On the CPU, or with ``concurrent=1``, the jobs run one after another in this
+    Each job runs in a worker thread on that worker's CUDA stream (``concurrent`` distinct streams, made
+    here) and is told to capture its CUDA graph with ``capture_error_mode="thread_local"`` (captures are
+    serialised by a lock; the other threads keep replaying meanwhile). A job captures on its worker's
+    stream (GanStep._work_stream), so that no two runs that replay at the same time share a stream, and
+    with it cuBLAS workspaces. On the CPU, or with ``concurrent=1``, the jobs run one after another in this
     thread with ``"global"``. Results come back in order; the first error is re-raised after every
     job has finished, so the others' results (and checkpoints) are kept.
     """
@@ -216,15 +234,30 @@ def run_concurrently(jobs: Sequence[Callable[[str], object]], device, concurrent
     if concurrent == 1 or len(jobs) <= 1 or device.type != "cuda":
         return [job("global") for job in jobs]
 
+    import queue
     from concurrent.futures import ThreadPoolExecutor
 
+    n = min(concurrent, len(jobs))
+    # torch hands out streams round-robin from a pool of 32: made together, n <= 32 of them are distinct
+    streams = [torch.cuda.Stream(device) for _ in range(n)]
+    if len({s.cuda_stream for s in streams}) != n:
+        raise ValueError(f"concurrent={concurrent}: at most {n - 1} runs can have CUDA streams of their own "
+                         "(torch's stream pool); choose fewer")
+    free = queue.SimpleQueue()
+    for s in streams:
+        free.put(s)
+
     def one(job):
-        with torch.cuda.device(device), torch.cuda.stream(torch.cuda.Stream(device)):
-            out = job("thread_local")
-            torch.cuda.current_stream().synchronize()
+        stream = free.get()   # at most n jobs run at once, so one is always free
+        try:
+            with torch.cuda.device(device), torch.cuda.stream(stream):
+                out = job("thread_local")
+                stream.synchronize()
+        finally:
+            free.put(stream)
         return out
 
-    with ThreadPoolExecutor(max_workers=min(concurrent, len(jobs))) as pool:
+    with ThreadPoolExecutor(max_workers=n) as pool:
         futures = [pool.submit(one, job) for job in jobs]
         errors = [f.exception() for f in futures]
     first = next((e for e in errors if e is not None), None)

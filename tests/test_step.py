@@ -143,6 +143,25 @@ def test_run_many_on_cpu_equals_one_run_at_a_time(monkeypatch):
     assert experiments.concurrency_for("CMP-con-1", "cuda") == 4 and experiments.concurrency_for("CEL-con", "cuda") == 1
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_concurrent_runs_equal_runs_one_at_a_time_on_cuda():
+    """Runs trained together (threads, streams, graphs replayed at once) give the losses they give alone.
+    ConOpt with the GEMM convolutions and the joint D pass: graphs captured on one shared stream shared
+    cuBLAS workspaces and hung the GPU (numgan.step.GanStep._work_stream)."""
+    from numgan.step import run_concurrently
+
+    images = torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8)
+    cfgs = [TrainConfig(dataset="synthetic", arch="dcgan4_nobn", method=m, n_iters=60, eval_every=10 ** 9,
+                        inception=False, seed=s) for s, m in enumerate(["conopt", "conopt", "altga", "conopt"])]
+    jobs = [lambda mode, c=c: train(c, None, "cuda", images=images, capture_error_mode=mode) for c in cfgs]
+    alone = run_concurrently(jobs, "cuda", 1)
+    together = run_concurrently(jobs, "cuda", 3)   # 4 jobs on 3 workers: a worker's stream is used twice
+    for a, b in zip(alone, together):
+        assert a["status"] == b["status"] == "ok" and b["iters_done"] == a["iters_done"]
+        np.testing.assert_allclose(b["loss_d"], a["loss_d"], rtol=1e-5)
+        np.testing.assert_allclose(b["loss_g"], a["loss_g"], rtol=1e-5)
+
+
 def test_run_many_trains_celeba_runs_one_at_a_time(monkeypatch):
     from numgan import step
 
