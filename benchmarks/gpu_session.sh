@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_session.sh mog     # target 2: MoG seed-steps/s, float32 and TF32 Triton kernels
 #   bash benchmarks/gpu_session.sh eval    # targets 3-5: Jacobian, Inception Score, concurrent runs
 #   bash benchmarks/gpu_session.sh cost    # the README's per-figure cost table (~6 min); GAIN = the
-#                                          # 4-run ConOpt throughput gain from `eval` (default 1.28)
+#                                          # 4-run ConOpt throughput gain from `eval` (default 1.33)
 #
 # torch-fidelity must be importable for `eval` and `cost` (see the top-level README).
 set -euo pipefail
@@ -30,7 +30,7 @@ case "$part" in
     "$py" benchmarks/bench_sweep.py --device cuda --iters 300 --ks 1,4 --methods conopt,altga --record
     ;;
   cost)
-    "$py" benchmarks/bench_cost.py --device cuda --concurrency-gain "${GAIN:-1.28}" --record
+    "$py" benchmarks/bench_cost.py --device cuda --concurrency-gain "${GAIN:-1.33}" --record
     ;;
   *)
     echo "unknown part '$part': choose step, mog, eval or cost" >&2
