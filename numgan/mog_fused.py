@@ -694,7 +694,9 @@ class GraphedSteps:
         eng.params.copy_(saved[0])
         eng.square_avg.copy_(saved[1])
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # captured on this object's own stream, not torch.cuda.graph's process-wide one: graphs captured on
+        # one stream share their cuBLAS workspaces and race if replayed at once (numgan.step._work_stream)
+        with torch.cuda.graph(self.graph, stream=side):
             body()
 
     def replay(self) -> None:
