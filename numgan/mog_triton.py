@@ -34,8 +34,8 @@ results are deterministic (bit-identical reruns); they equal numgan.mog_fused up
 Precision. Matrix products use ``tl.dot`` with ``input_precision`` (``PRECISIONS``). The default "ieee" is
 float32 FMA arithmetic, the function the torch engines compute (torch's float32 matmuls on CUDA do not use
 TF32 unless asked): on an H100 its ConOpt direction is as close to float64 as numgan.mog_fused's (relative
-error 4.2e-5 on a 256-seed batch), and a graphed ConOpt step of 256 seeds takes 1.28 ms (~200k
-seed-steps/s; numgan.mog_fused: 2.67 ms). "tf32" (tensor cores, 10-bit mantissa operands) is a precision
+error 4.2e-5 on a 256-seed batch), and a graphed ConOpt step of 256 seeds takes 1.28-1.32 ms (194k-200k
+seed-steps/s on two H100 machines; numgan.mog_fused: 2.7-2.8 ms). "tf32" (tensor cores, 10-bit mantissa operands) is a precision
 change, opt-in: 0.85 ms (~300k seed-steps/s) at a relative error of 1e-2 per direction, which left 20k-step
 training outcomes unchanged in a 64-seed comparison. "tf32x3" (float32 accuracy from three TF32 products)
 spilled registers and ran at ~60k. Numbers: benchmarks/results/bench_mog-cuda.md. Under Triton's

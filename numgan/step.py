@@ -241,8 +241,9 @@ def run_concurrently(jobs: Sequence[Callable[[str], object]], device, concurrent
     # torch hands out streams round-robin from a pool of 32: made together, n <= 32 of them are distinct
     streams = [torch.cuda.Stream(device) for _ in range(n)]
     if len({s.cuda_stream for s in streams}) != n:
-        raise ValueError(f"concurrent={concurrent}: at most {n - 1} runs can have CUDA streams of their own "
-                         "(torch's stream pool); choose fewer")
+        raise ValueError(f"concurrent={concurrent}: torch's CUDA stream pool did not give {n} distinct streams "
+                         "(it has 32, handed out in turn to every thread); choose at most 32, and start no "
+                         "streams in other threads meanwhile")
     free = queue.SimpleQueue()
     for s in streams:
         free.put(s)
