@@ -11,6 +11,9 @@ three CUDA-path substitutions:
 * a ``_foreach_*`` operator counts as one kernel (on CUDA it is one multi-tensor launch per ~100
   tensors);
 * torch.optim's RMSprop (the plain port's) is built with foreach=True, its default on CUDA;
+* numgan's TF1RMSprop counts as the one Triton kernel per parameter tensor that it launches on CUDA
+  (``fused``; the CPU runs torch's multi-tensor kernels), plus the copies of gradients laid out otherwise
+  than their parameters;
 * RNG and host-to-device copies of the minibatch are counted like any other operator.
 
 The counts are a property of the code, not of the machine, so they are recorded for the CPU; the
@@ -31,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import common  # noqa: E402
 from bench_step import build  # noqa: E402
-from numgan import conv  # noqa: E402
+from numgan import conv, rmsprop  # noqa: E402
 
 # operators that launch no kernel besides views (``func.is_view``): allocation and metadata
 NO_KERNEL = {
@@ -46,13 +49,13 @@ KINDS = [  # (kind, operator names); the first match wins, the rest is "elementw
     ("reduction", {"sum", "mean", "norm", "linalg_vector_norm", "dot", "vdot", "max", "min", "amax"}),
     ("copy/fill", {"copy_", "clone", "contiguous", "_to_copy", "fill_", "zero_", "zeros", "zeros_like",
                    "ones_like", "full", "full_like", "cat", "stack", "constant_pad_nd"}),
-    ("foreach", None),
+    ("foreach/optimizer", None),   # torch's multi-tensor kernels and TF1RMSprop's fused update
 ]
 
 
 def kind_of(name: str) -> str:
-    if name.startswith("_foreach_"):
-        return "foreach"
+    if name.startswith("_foreach_") or name == "tf1_rmsprop":
+        return "foreach/optimizer"
     for kind, names in KINDS:
         if names is not None and name in names:
             return kind
@@ -89,17 +92,39 @@ def _as_one_kernel(counter: KernelCounter, fn, name: str):
     return wrapped
 
 
+def _as_fused_update(counter: KernelCounter, update):
+    """TF1RMSprop._update as on CUDA: one kernel per tensor where it fuses there (float32, no momentum)."""
+    def wrapped(self, group, params, grads, extra, alpha):
+        if self.fused is False or group["momentum"] > 0 or not rmsprop.fused_available():
+            return update(self, group, params, grads, extra, alpha)
+        extra = extra or [None] * len(params)
+        for p, g, e in zip(params, grads, extra):
+            if not rmsprop.fusable(p, self.state[p].get("square_avg", p)):   # pragma: no cover - not in the models
+                raise NotImplementedError("count_kernels: a parameter TF1RMSprop would not fuse on CUDA")
+            counter.add("tf1_rmsprop")
+            for t in (g, e):
+                if t is not None and not rmsprop.same_layout(t, p):
+                    counter.add("copy_")        # rmsprop.laid_out_as
+        counter.suppress += 1
+        try:
+            return update(self, group, params, grads, extra, alpha)
+        finally:
+            counter.suppress -= 1
+    return wrapped
+
+
 def count_step(step) -> collections.Counter:
     """Kernel counts (by operator name) of one call of ``step``, CUDA-path substitutions applied."""
     counter = KernelCounter()
-    saved = conv._im2col_torch, conv._col2im_torch
+    saved = conv._im2col_torch, conv._col2im_torch, rmsprop.TF1RMSprop._update
     conv._im2col_torch = _as_one_kernel(counter, saved[0], "im2col")
     conv._col2im_torch = _as_one_kernel(counter, saved[1], "col2im")
+    rmsprop.TF1RMSprop._update = _as_fused_update(counter, saved[2])
     try:
         with counter:
             step()
     finally:
-        conv._im2col_torch, conv._col2im_torch = saved
+        conv._im2col_torch, conv._col2im_torch, rmsprop.TF1RMSprop._update = saved
     return counter.counts
 
 

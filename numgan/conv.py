@@ -37,14 +37,13 @@ Triton's interpreter. On an H100 the GEMM form gave the faster ConOpt step (cuDN
 its NCHW/NHWC conversions cost more than the im2col copies), so numgan.train uses it; benchmarks/bench_step.py
 times both, benchmarks/bench_col2im.py the col2im kernels.
 """
-import contextlib
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._triton import INTERPRET as _INTERPRET, tl, triton  # None without Triton: the torch path runs
+from ._triton import INTERPRET as _INTERPRET, device_guard, tl, triton  # None without Triton: the torch path runs
 
 use_triton = True   # set False to force the pure-torch im2col / col2im (e.g. to compare)
 
@@ -313,12 +312,6 @@ def _use_triton(t: Tensor, n_out: int) -> bool:
     return _max_offset(t) <= _INT32_MAX and n_out <= _INT32_MAX   # the kernels index with int32
 
 
-def _device_guard(t: Tensor):
-    if t.is_cuda and t.device.index != torch.cuda.current_device():
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
-
-
 def _im2col_triton(x: Tensor, g: _Geom) -> Tensor:
     b, c = x.shape[:2]
     n_cols = g.k * g.k * c
@@ -330,7 +323,7 @@ def _im2col_triton(x: Tensor, g: _Geom) -> Tensor:
         bj //= 2
     br = max(_TILE // bj, 16)
     grid = (triton.cdiv(cols.shape[0], br), triton.cdiv(n_cols, bj))
-    with _device_guard(x):
+    with device_guard(x):
         _im2col_kernel[grid](x, cols, cols.shape[0], n_cols, c, g.h, g.w, g.ho, g.wo, g.top, g.left, *x.stride(),
                              K=g.k, S=g.s, CPQ=g.layout == "cpq", BLOCK_R=br, BLOCK_J=bj)
     return cols
@@ -351,7 +344,7 @@ def _col2im_triton(cols: Tensor, bias, g: _Geom) -> Tensor:
     bp = max(_TILE // bc, 16)
     n_pos = b * g.h * g.w
     grid = (triton.cdiv(n_pos, bp), triton.cdiv(c, bc))
-    with _device_guard(cols):
+    with device_guard(cols):
         _col2im_kernel[grid](cols, cols if bias is None else bias, out, n_pos, c, g.h, g.w, g.ho, g.wo, g.top,
                              g.left, *strides, *out.stride(), K=g.k, S=g.s, KT=-(-g.k // g.s),
                              HAS_BIAS=bias is not None, ACC=acc, BLOCK_P=bp, BLOCK_C=bc)

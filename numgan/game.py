@@ -7,16 +7,18 @@ ascent field on x = (theta, phi), generator block first,
     v(x) = ( -grad_theta L_G ,  -grad_phi L_D ).
 
 * SimGA:  x <- x + h v(x)                                        (paper Alg. 1)
-* ConOpt: x <- x + h w(x),  w = v - gamma grad L,  L = 1/2 ||v||^2,  grad L = v'(x)^T v(x)   (Eq. 16-17)
+* ConOpt: x <- x + h w(x),  w = v - gamma grad L,  L = 1/2 ||v||^2,  grad L = v'(x)^T v(x)   (Eq. 16-17;
+  :func:`vjp`)
 
-Torch optimizers *minimise*, so the update direction handed to them (``p.grad``) is ``-v`` (and ``-w``
-for ConOpt): ``p.grad = u + gamma J^T v`` with ``u = -v`` the players' own loss gradients. Since
-``L = 1/2 ||u||^2`` too, ``grad L`` is the same whichever sign is used for the field.
+Torch optimizers *minimise*, so the update direction handed to them (``p.grad``, or the gradients of
+TF1RMSprop.apply_gradients) is ``-v`` (and ``-w`` for ConOpt): ``u + gamma J_u^T u`` with ``u = -v`` the
+players' own loss gradients. Since ``L = 1/2 ||u||^2`` too, ``grad L = J_u^T u = v'^T v`` whichever sign
+is used for the field.
 
 This module holds the autograd helpers shared by the optimizers (numgan.optim) and the functional
 form of the field used by the spectrum tools (numgan.spectrum).
 """
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -50,48 +52,27 @@ def grad_or_zero(scalar: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
 
 
-def _memory_order(t: Tensor) -> list[int]:
-    """t's dimensions from the outermost to the innermost in memory (ties: the larger dimension first)."""
-    return sorted(range(t.dim()), key=lambda d: (-t.stride(d), -t.shape[d]))
+def vjp(outputs: Sequence[Tensor], inputs: Sequence[Tensor], vectors: Sequence[Tensor]) -> list[Tensor]:
+    """sum_k J_k^T c_k for ``vectors`` c_k held fixed, J_k the Jacobian of ``outputs[k]`` w.r.t. ``inputs``: the
+    gradient of sum_k <outputs_k(x), c_k>, by one backward pass seeded with the c_k (zero for an input that
+    no output depends on).
 
-
-def flat_view(t: Tensor, order: Optional[Sequence[int]] = None) -> Tensor:
-    """The elements of ``t`` as a 1-D tensor, dimensions taken in ``order`` (default: t's memory order).
-    In memory order it is a view for any dense tensor (contiguous, channels-last, transposed), a copy
-    otherwise."""
-    if t.dim() == 0:
-        return t.reshape(1)
-    if order is None:
-        if t.is_contiguous():
-            return t.view(-1)
-        order = _memory_order(t)
-    return t.permute(*order).reshape(-1)
-
-
-def flat_cat(tensors: Sequence[Tensor], like: Optional[Sequence[Tensor]] = None) -> Tensor:
-    """All elements of ``tensors`` in one 1-D tensor (differentiable; one copy kernel); with ``like``,
-    each tensor's elements are ordered as ``flat_cat(like)`` orders the matching tensor's."""
-    if like is None:
-        return torch.cat([flat_view(t) for t in tensors])
-    return torch.cat([flat_view(t, list(range(r.dim())) if r.is_contiguous() else _memory_order(r))
-                      for t, r in zip(tensors, like)])
-
-
-def half_sq_norm(tensors: Sequence[Tensor]) -> Tensor:
-    """L = 1/2 sum_p ||t_p||^2, the consensus term (paper Eq. 16).
-
-    Computed as one dot product of the concatenated tensors: a handful of GPU kernels forward and
-    backward instead of three per tensor (issue 4), whatever the number of parameter tensors."""
-    flat = flat_cat(tensors)
-    return 0.5 * torch.dot(flat, flat)
-
-
-def half_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    """1/2 sum_p <a_p, b_p> (the unbiased consensus estimate's form, supplement Lemma 15), as one dot
-    product; ``b_p`` is read in ``a_p``'s memory order, so the layouts may differ."""
-    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
-        raise ValueError("half_dot needs two lists of tensors with matching shapes")
-    return 0.5 * torch.dot(flat_cat(a), flat_cat(b, like=a))
+    ConOpt's consensus gradient (paper Eq. 16-17): for L = 1/2 ||v||^2 = 1/2 ||u||^2 (u = -v),
+    grad L = v'(x)^T v(x) = J_u^T u, i.e. ``vjp(u, params, u)``, the player gradients of the first backward
+    pass (``create_graph=True``) seeded with their own values. This is exactly what differentiating
+    1/2 sum_p ||u_p||^2 gives (the derivative of the norm is u itself), without forming the norm, nor its
+    derivative over every parameter (issue 4: on the image GANs a sum over 9 million entries and three
+    elementwise kernels over all of them, each step). The unbiased estimate (supplement Lemma 15),
+    grad 1/2 <u1, u2> = 1/2 (J_1^T u2 + J_2^T u1), is ``vjp(u1 + u2, params, u2 + u1)`` halved.
+    """
+    if len(outputs) != len(vectors) or any(o.shape != c.shape for o, c in zip(outputs, vectors)):
+        raise ValueError("vjp needs one vector of the same shape per output")
+    pairs = [(o, c.detach()) for o, c in zip(outputs, vectors) if o.requires_grad]
+    if not pairs:       # e.g. every output a constant zero gradient (grad_or_zero)
+        return [torch.zeros_like(x) for x in inputs]
+    grads = torch.autograd.grad([o for o, _ in pairs], list(inputs), grad_outputs=[c for _, c in pairs],
+                                allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
 
 
 def flat_field(loss_g_fn: Callable[[dict, dict], Tensor], loss_d_fn: Callable[[dict, dict], Tensor],

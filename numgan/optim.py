@@ -20,8 +20,8 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
-from .game import grad_or_zero, half_dot, half_sq_norm, player_gradients
-from .rmsprop import TF1RMSprop
+from .game import grad_or_zero, player_gradients, vjp
+from .rmsprop import TF1RMSprop, combine, laid_out_as
 
 Closure = Callable[..., tuple]
 OptimizerFactory = Callable[[list], torch.optim.Optimizer]
@@ -49,14 +49,19 @@ class GameOptimizer:
     def _make_optimizers(self) -> dict:
         return {"both": self._factory(self.params)}
 
-    def _apply(self, directions: list[Tensor], params: list[Tensor], key: str = "both") -> None:
-        """Hand the (loss-form) directions to the inner optimiser and take one step."""
+    def _apply(self, directions: list[Tensor], params: list[Tensor], key: str = "both",
+               extra: Optional[list[Tensor]] = None, alpha: float = 1.0) -> None:
+        """Hand the (loss-form) directions ``directions + alpha * extra`` to the inner optimiser and take one
+        step. TF1RMSprop takes them as they are (``apply_gradients``); other optimisers through ``p.grad``."""
+        opt = self.optimizers[key]
+        if isinstance(opt, TF1RMSprop):
+            opt.apply_gradients(params, directions, extra, alpha)
+            return
+        if extra is not None:
+            directions = combine(directions, extra, alpha)
         for p, d in zip(params, directions):
-            d = d.detach()
-            if d.stride() != p.stride():   # the optimiser's foreach kernels need grads laid out as their params
-                d = torch.empty_like(p).copy_(d)
-            p.grad = d
-        self.optimizers[key].step()
+            p.grad = laid_out_as(d, p)     # torch's multi-tensor kernels are fast on tensors laid out alike
+        opt.step()
         for p in params:
             p.grad = None
 
@@ -145,13 +150,13 @@ class ConOpt(GameOptimizer):
         if self.unbiased:
             loss_d2, loss_g2 = closure()
             u2 = player_gradients(loss_g2, loss_d2, self.gen_params, self.disc_params, create_graph=True)
-            consensus = half_dot(u, u2)
-            u = [0.5 * (a + b) for a, b in zip(u, u2)]
+            # grad 1/2 <u1, u2> = 1/2 (J_1^T u2 + J_2^T u1)
+            jtu, alpha = vjp(u + u2, params, u2 + u), 0.5 * self.gamma
+            u = [0.5 * (a.detach() + b.detach()) for a, b in zip(u, u2)]
         else:
-            consensus = half_sq_norm(u)
-        jtu = grad_or_zero(consensus, params)
-        # u + gamma J^T u for every tensor at once (one multi-tensor kernel on CUDA)
-        self._apply(torch._foreach_add([ui.detach() for ui in u], jtu, alpha=self.gamma), params)
+            jtu, alpha = vjp(u, params, u), self.gamma    # J^T u = grad 1/2 ||u||^2
+        # u + gamma J^T u, formed by the inner optimiser (TF1RMSprop: inside its one update kernel on CUDA)
+        self._apply([ui.detach() for ui in u], params, extra=jtu, alpha=alpha)
         return _losses(loss_d, loss_g)
 
 
@@ -178,11 +183,10 @@ class Smoothing(GameOptimizer):
         loss_d, loss_g = closure()
         u = player_gradients(loss_g, loss_d, self.gen_params, self.disc_params, create_graph=True)
         n_g = len(self.gen_params)
-        reg = half_sq_norm(u[:n_g] if self.variant == "code" else u)
-        reg_d = grad_or_zero(reg, self.disc_params)
-        directions = [ui.detach() for ui in u[:n_g]]
-        directions += [ui.detach() + self.gamma * ri for ui, ri in zip(u[n_g:], reg_d)]
-        self._apply(directions, self.params)
+        reg_of = u[:n_g] if self.variant == "code" else u
+        reg_d = vjp(reg_of, self.disc_params, reg_of)        # grad_phi of the regulariser 1/2 ||reg_of||^2
+        extra = [None] * n_g + reg_d                          # G: its plain gradient
+        self._apply([ui.detach() for ui in u], self.params, extra=extra, alpha=self.gamma)
         return _losses(loss_d, loss_g)
 
 
