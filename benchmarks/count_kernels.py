@@ -11,9 +11,9 @@ three CUDA-path substitutions:
 * a ``_foreach_*`` operator counts as one kernel (on CUDA it is one multi-tensor launch per ~100
   tensors);
 * torch.optim's RMSprop (the plain port's) is built with foreach=True, its default on CUDA;
-* numgan's TF1RMSprop counts as the one Triton kernel per parameter tensor that it launches on CUDA
-  (``fused``; the CPU runs torch's multi-tensor kernels), plus the copies of gradients laid out otherwise
-  than their parameters;
+* numgan's TF1RMSprop counts as the Triton kernels it launches on CUDA (``fused``: one per eight parameter
+  tensors; the CPU runs torch's multi-tensor kernels), plus the copies of gradients laid out otherwise than
+  their parameters;
 * RNG and host-to-device copies of the minibatch are counted like any other operator.
 
 The counts are a property of the code, not of the machine, so they are recorded for the CPU; the
@@ -98,13 +98,17 @@ def _as_fused_update(counter: KernelCounter, update):
         if self.fused is False or group["momentum"] > 0 or not rmsprop.fused_available():
             return update(self, group, params, grads, extra, alpha)
         extra = extra or [None] * len(params)
+        n_with_e = 0
         for p, g, e in zip(params, grads, extra):
             if not rmsprop.fusable(p, self.state[p].get("square_avg", p)):   # pragma: no cover - not in the models
                 raise NotImplementedError("count_kernels: a parameter TF1RMSprop would not fuse on CUDA")
-            counter.add("tf1_rmsprop")
+            n_with_e += e is not None
             for t in (g, e):
                 if t is not None and not rmsprop.same_layout(t, p):
                     counter.add("copy_")        # rmsprop.laid_out_as
+        for n in (n_with_e, len(params) - n_with_e):     # one launch per _SLOTS tensors alike
+            for _ in range(-(-n // rmsprop._SLOTS)):
+                counter.add("tf1_rmsprop")
         counter.suppress += 1
         try:
             return update(self, group, params, grads, extra, alpha)

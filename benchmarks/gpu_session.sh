@@ -3,6 +3,7 @@
 # (what one command on this project's GPU machines may take). Results are appended to
 # benchmarks/results/*-cuda.md with the device, date and commit, as every benchmark's --record does.
 #
+#   bash benchmarks/gpu_session.sh test    # the tests that need CUDA (the rest run on the CPU)
 #   bash benchmarks/gpu_session.sh step    # target 1: the image step (plain port vs fast path) + a kernel profile
 #   bash benchmarks/gpu_session.sh mog     # target 2: MoG seed-steps/s, float32 and TF32 Triton kernels
 #   bash benchmarks/gpu_session.sh eval    # targets 3-5: Jacobian, Inception Score, concurrent runs
@@ -11,14 +12,19 @@
 #
 # torch-fidelity must be importable for `eval` and `cost` (see the top-level README).
 set -euo pipefail
-part=${1:?usage: bash benchmarks/gpu_session.sh step|mog|eval|cost}
+part=${1:?usage: bash benchmarks/gpu_session.sh test|step|mog|eval|cost}
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python}
 case "$part" in
+  test)
+    "$py" -m pytest -q -p no:cacheprovider tests/test_rmsprop_triton.py tests/test_step.py tests/test_mog_fused.py \
+          -k "cuda"
+    ;;
   step)
     "$py" benchmarks/bench_step.py --device cuda --methods simga,altga,conopt --variants plain,fast,fast-split-d \
           --check-iters 10 --record
     "$py" benchmarks/profile_step.py --method conopt --variant fast --rows 30 --summary
+    "$py" benchmarks/profile_step.py --method conopt --variant gemm --rows 5 --by-shape
     ;;
   mog)
     "$py" benchmarks/bench_mog.py --device cuda --seeds 256 --methods conopt --engines fused --graph-k 10 \
@@ -33,7 +39,7 @@ case "$part" in
     "$py" benchmarks/bench_cost.py --device cuda --concurrency-gain "${GAIN:-1.33}" --record
     ;;
   *)
-    echo "unknown part '$part': choose step, mog, eval or cost" >&2
+    echo "unknown part '$part': choose test, step, mog, eval or cost" >&2
     exit 2
     ;;
 esac

@@ -64,14 +64,26 @@ class _LeakyReLUGrad(torch.autograd.Function):
         return _LeakyReLUGrad.apply(g_t, x, ctx.slope)
 
 
+def leaky_relu_grad(g: Tensor, x: Tensor, slope: float) -> Tensor:
+    """``g * (1 if x > 0 else slope)``, the leaky ReLU's derivative at ``x`` applied to ``g``; differentiable in
+    ``g`` to any order (``x`` only picks the factors)."""
+    return _LeakyReLUGrad.apply(g, x, float(slope))
+
+
 def leaky_relu(x: Tensor, slope: float) -> Tensor:
     """``torch.nn.functional.leaky_relu(x, slope)`` with cheaper higher derivatives (module docstring)."""
     return _LeakyReLU.apply(x, float(slope))
 
 
 class LeakyReLU(nn.LeakyReLU):
-    """``nn.LeakyReLU`` computed by :func:`leaky_relu`."""
+    """``nn.LeakyReLU`` computed by :func:`leaky_relu`; with ``fused`` set (numgan.models.fuse_activations) the
+    neighbouring GEMM convolution computes it, and the module passes its input through."""
+
+    fused = False
 
     def forward(self, x: Tensor) -> Tensor:
-        return leaky_relu(x, self.negative_slope)
+        return x if self.fused else leaky_relu(x, self.negative_slope)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", fused into the neighbouring GEMM convolution" if self.fused else "")
 

@@ -26,7 +26,9 @@ derivatives run the three cuDNN algorithms and nothing else. Padding and croppin
 values and ConOpt's second derivatives against torch's native convolution in float64.
 
 ``conv2d_gemm`` / ``conv_transpose2d_gemm`` are a second formulation (im2col + one matrix product),
-whose derivatives are matrix products, im2col and col2im. ``Im2Col`` / ``Col2Im`` are a pair of mutually
+whose derivatives are matrix products, im2col and col2im. A leaky ReLU next to such a layer can be computed
+by its im2col (on the input) or col2im (on the output); its derivative is then a mask inside the same
+kernels (numgan.models.fuse_activations). ``Im2Col`` / ``Col2Im`` are a pair of mutually
 adjoint autograd Functions (each one's vector-Jacobian product is the other), so ConOpt's second derivatives
 stay on them too. On CUDA both are Triton kernels: col2im in gather form (each output element sums its
 <= ceil(k/s)^2 column entries: no atomics, deterministic) with the bias add and the SAME crop fused, reading
@@ -44,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._triton import INTERPRET as _INTERPRET, device_guard, tl, triton  # None without Triton: the torch path runs
+from .activations import leaky_relu_grad
 
 use_triton = True   # set False to force the pure-torch im2col / col2im (e.g. to compare)
 
@@ -186,8 +189,15 @@ def _geometry(size, kernel_size: int, stride: int, padding, layout: str = "pqc")
     return _Geom(k, s, h, w, ho, wo, top, left, layout)
 
 
-def _im2col_torch(x: Tensor, g: _Geom) -> Tensor:
-    """im2col as a strided view (``Tensor.unfold``) of the zero-padded image, copied once."""
+def _mask(t: Tensor, m, slope) -> Tensor:
+    """t * (1 where m > 0, else slope): the leaky ReLU's derivative at m applied to t (m None: t)."""
+    return t if m is None else torch.where(m > 0, t, t * slope)
+
+
+def _im2col_torch(x: Tensor, g: _Geom, m=None, slope=None) -> Tensor:
+    """im2col as a strided view (``Tensor.unfold``) of the zero-padded image, copied once (of x masked by
+    the leaky ReLU's derivative at m when m is given: the patches of leaky_relu(x) when m is x)."""
+    x = _mask(x, m, slope)
     b, c = x.shape[:2]
     hf, wf = (g.ho - 1) * g.s + g.k, (g.wo - 1) * g.s + g.k            # the padded extent the patches cover
     pads = (g.left, wf - g.left - g.w, g.top, hf - g.top - g.h)          # negative = crop unused rows
@@ -203,8 +213,9 @@ def _im2col_torch(x: Tensor, g: _Geom) -> Tensor:
     return cols.view(b * g.ho * g.wo, g.k * g.k * c)
 
 
-def _col2im_torch(cols: Tensor, bias, g: _Geom) -> Tensor:
-    """col2im as ``unfold_backward`` per spatial axis, then crop (or zero-pad) to the image, plus bias."""
+def _col2im_torch(cols: Tensor, bias, g: _Geom, m=None, slope=None, act: bool = False) -> Tensor:
+    """col2im as ``unfold_backward`` per spatial axis, then crop (or zero-pad) to the image, plus bias; then
+    masked by the leaky ReLU's derivative at m (m given), or the leaky ReLU applied (``act``)."""
     b, c = cols.shape[0] // (g.ho * g.wo), cols.shape[1] // (g.k * g.k)
     hf, wf = (g.ho - 1) * g.s + g.k, (g.wo - 1) * g.s + g.k
     if g.layout == "pqc":
@@ -216,14 +227,16 @@ def _col2im_torch(cols: Tensor, bias, g: _Geom) -> Tensor:
     pads = (-g.left, g.w + g.left - wf, -g.top, g.h + g.top - hf)     # the adjoint of _im2col_torch's pad
     if any(pads):
         y = F.pad(y, pads)
-    return y if bias is None else y + bias.view(1, -1, 1, 1)
+    y = y if bias is None else y + bias.view(1, -1, 1, 1)
+    return _mask(y, y if act else m, slope)
 
 
 if triton is not None:
     @triton.jit
-    def _col2im_kernel(cols, bias, out, n_pos, C, H, W, Ho, Wo, top, left,
-                       s_b, s_i, s_j, s_p, s_q, s_c, o_b, o_c, o_h, o_w,
+    def _col2im_kernel(cols, bias, out, mask_src, slope, n_pos, C, H, W, Ho, Wo, top, left,
+                       s_b, s_i, s_j, s_p, s_q, s_c, o_b, o_c, o_h, o_w, m_b, m_c, m_h, m_w,
                        K: tl.constexpr, S: tl.constexpr, KT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       MASK: tl.constexpr, ACT: tl.constexpr,
                        ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         # Gather form: output element (b, c, h, w) sums the <= KT^2 column entries (b, i, j, p, q, c) with
         # i s + p = h + top, j s + q = w + left (strides s_* of the columns as a 6-D tensor). No atomics; the
@@ -254,12 +267,21 @@ if triton is not None:
                 acc += v.to(ACC)
         if HAS_BIAS:
             acc += tl.load(bias + c, mask=cmask, other=0.0).to(ACC)[None, :]
+        if MASK or ACT:   # the leaky ReLU's derivative at mask_src (MASK), or the leaky ReLU itself (ACT)
+            a = tl.load(slope).to(ACC)
+            if MASK:
+                m_off = (b * m_b + h * m_h + w * m_w)[:, None] + (c * m_c)[None, :]
+                mv = tl.load(mask_src + m_off, mask=pmask[:, None] & cmask[None, :], other=0.0)
+                acc = tl.where(mv > 0, acc, acc * a)
+            else:
+                acc = tl.where(acc > 0, acc, acc * a)
         o_off = (b * o_b + h * o_h + w * o_w)[:, None] + (c * o_c)[None, :]
         tl.store(out + o_off, acc.to(out.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
 
     @triton.jit
-    def _im2col_kernel(x, cols, n_rows, n_cols, C, H, W, Ho, Wo, top, left, x_b, x_c, x_h, x_w,
-                       K: tl.constexpr, S: tl.constexpr, CPQ: tl.constexpr,
+    def _im2col_kernel(x, cols, mask_src, slope, n_rows, n_cols, C, H, W, Ho, Wo, top, left,
+                       x_b, x_c, x_h, x_w, m_b, m_c, m_h, m_w,
+                       K: tl.constexpr, S: tl.constexpr, CPQ: tl.constexpr, MASK: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):
         # A [BLOCK_R rows (b, i, j)] x [BLOCK_J columns] tile of the contiguous column matrix; the source
         # address and the bounds split into a row part and a column part. Zeros outside the image.
@@ -288,6 +310,10 @@ if triton is not None:
         ok = (rmask[:, None] & jmask[None, :]) & (h >= 0) & (h < H) & (w >= 0) & (w < W)
         src = (b * x_b + h0 * x_h + w0 * x_w)[:, None] + (c * x_c + p * x_h + q * x_w)[None, :]
         v = tl.load(x + src, mask=ok, other=0.0)
+        if MASK:   # x times the leaky ReLU's derivative at mask_src (leaky_relu(x) when mask_src is x)
+            m_src = (b * m_b + h0 * m_h + w0 * m_w)[:, None] + (c * m_c + p * m_h + q * m_w)[None, :]
+            mv = tl.load(mask_src + m_src, mask=ok, other=0.0)
+            v = tl.where(mv > 0, v, v * tl.load(slope).to(v.dtype))
         tl.store(cols + (r * n_cols)[:, None] + jj[None, :], v, mask=rmask[:, None] & jmask[None, :])
 
 
@@ -312,7 +338,20 @@ def _use_triton(t: Tensor, n_out: int) -> bool:
     return _max_offset(t) <= _INT32_MAX and n_out <= _INT32_MAX   # the kernels index with int32
 
 
-def _im2col_triton(x: Tensor, g: _Geom) -> Tensor:
+_SLOPES: dict = {}
+
+
+def _slope_tensor(slope: float, like: Tensor) -> Tensor:
+    """The leaky slope as a one-element tensor of ``like``'s dtype and device, which the kernels load (a
+    float argument would reach them rounded to float32). Cached: made once, before any CUDA-graph capture."""
+    key = (float(slope), like.dtype, like.device)
+    t = _SLOPES.get(key)
+    if t is None:
+        t = _SLOPES[key] = torch.full((1,), float(slope), dtype=like.dtype, device=like.device)
+    return t
+
+
+def _im2col_triton(x: Tensor, g: _Geom, m=None, slope=None) -> Tensor:
     b, c = x.shape[:2]
     n_cols = g.k * g.k * c
     cols = torch.empty(b * g.ho * g.wo, n_cols, device=x.device, dtype=x.dtype)
@@ -324,12 +363,14 @@ def _im2col_triton(x: Tensor, g: _Geom) -> Tensor:
     br = max(_TILE // bj, 16)
     grid = (triton.cdiv(cols.shape[0], br), triton.cdiv(n_cols, bj))
     with device_guard(x):
-        _im2col_kernel[grid](x, cols, cols.shape[0], n_cols, c, g.h, g.w, g.ho, g.wo, g.top, g.left, *x.stride(),
-                             K=g.k, S=g.s, CPQ=g.layout == "cpq", BLOCK_R=br, BLOCK_J=bj)
+        _im2col_kernel[grid](x, cols, x if m is None else m, x if m is None else _slope_tensor(slope, x),
+                             cols.shape[0], n_cols, c, g.h, g.w, g.ho, g.wo, g.top, g.left, *x.stride(),
+                             *(x if m is None else m).stride(), K=g.k, S=g.s, CPQ=g.layout == "cpq",
+                             MASK=m is not None, BLOCK_R=br, BLOCK_J=bj)
     return cols
 
 
-def _col2im_triton(cols: Tensor, bias, g: _Geom) -> Tensor:
+def _col2im_triton(cols: Tensor, bias, g: _Geom, m=None, slope=None, act: bool = False) -> Tensor:
     b, c = cols.shape[0] // (g.ho * g.wo), cols.shape[1] // (g.k * g.k)
     out = torch.empty((b, c, g.h, g.w), device=cols.device, dtype=cols.dtype, memory_format=torch.channels_last)
     if out.numel() == 0:
@@ -344,73 +385,97 @@ def _col2im_triton(cols: Tensor, bias, g: _Geom) -> Tensor:
     bp = max(_TILE // bc, 16)
     n_pos = b * g.h * g.w
     grid = (triton.cdiv(n_pos, bp), triton.cdiv(c, bc))
+    masked = m is not None or act
     with device_guard(cols):
-        _col2im_kernel[grid](cols, cols if bias is None else bias, out, n_pos, c, g.h, g.w, g.ho, g.wo, g.top,
-                             g.left, *strides, *out.stride(), K=g.k, S=g.s, KT=-(-g.k // g.s),
-                             HAS_BIAS=bias is not None, ACC=acc, BLOCK_P=bp, BLOCK_C=bc)
+        _col2im_kernel[grid](cols, cols if bias is None else bias, out, out if m is None else m,
+                             _slope_tensor(slope, cols) if masked else cols, n_pos, c, g.h, g.w, g.ho, g.wo,
+                             g.top, g.left, *strides, *out.stride(), *(out if m is None else m).stride(),
+                             K=g.k, S=g.s, KT=-(-g.k // g.s), HAS_BIAS=bias is not None, MASK=m is not None,
+                             ACT=bool(act), ACC=acc, BLOCK_P=bp, BLOCK_C=bc)
     return out
 
 
-def _im2col(x: Tensor, g: _Geom) -> Tensor:
+def _im2col(x: Tensor, g: _Geom, m=None, slope=None) -> Tensor:
     n_out = x.shape[0] * g.ho * g.wo * g.k * g.k * x.shape[1]
-    return _im2col_triton(x, g) if _use_triton(x, n_out) else _im2col_torch(x, g)
+    ok = _use_triton(x, n_out) and (m is None or (m.dtype == x.dtype and _max_offset(m) <= _INT32_MAX))
+    return _im2col_triton(x, g, m, slope) if ok else _im2col_torch(x, g, m, slope)
 
 
-def _col2im(cols: Tensor, bias, g: _Geom) -> Tensor:
+def _col2im(cols: Tensor, bias, g: _Geom, m=None, slope=None, act: bool = False) -> Tensor:
     n_out = cols.shape[0] // (g.ho * g.wo) * (cols.shape[1] // (g.k * g.k)) * g.h * g.w
     ok = _use_triton(cols, n_out) and (bias is None or (bias.device == cols.device and bias.dtype == cols.dtype))
-    return _col2im_triton(cols, bias, g) if ok else _col2im_torch(cols, bias, g)
+    ok = ok and (m is None or (m.dtype == cols.dtype and _max_offset(m) <= _INT32_MAX))
+    return _col2im_triton(cols, bias, g, m, slope, act) if ok else _col2im_torch(cols, bias, g, m, slope, act)
 
 
 class Im2Col(torch.autograd.Function):
-    """cols = im2col(x): [B, C, H, W] -> [B Ho Wo, k k C], zero padding included. Linear; its vector-Jacobian
-    product is :class:`Col2Im` (and Col2Im's is Im2Col), so derivatives of every order stay on these two."""
+    """cols = im2col(s(m) x): [B, C, H, W] -> [B Ho Wo, k k C], zero padding included, where s(m) is the leaky
+    ReLU's derivative at ``m`` (1 where m > 0, else ``slope``; no mask when m is None). Linear in x for a fixed
+    m, and m only picks the factors (its derivative is zero), so with m = x it is the im2col of leaky_relu(x)
+    and its derivative. The vector-Jacobian product is :class:`Col2Im` with the same mask (and Col2Im's is
+    Im2Col), so derivatives of every order stay on these two kernels."""
 
     @staticmethod
-    def forward(ctx, x, geom):
-        ctx.geom = geom
-        return _im2col(x, geom)
+    def forward(ctx, x, geom, m=None, slope=None):
+        ctx.geom, ctx.slope = geom, slope
+        if m is not None:
+            ctx.save_for_backward(m)
+        return _im2col(x, geom, m, slope)
 
     @staticmethod
     def backward(ctx, gc):
-        return Col2Im.apply(gc, None, ctx.geom), None
+        m = ctx.saved_tensors[0] if ctx.saved_tensors else None
+        return Col2Im.apply(gc, None, ctx.geom, m, ctx.slope), None, None, None
 
 
 class Col2Im(torch.autograd.Function):
-    """y = col2im(cols) + bias: the adjoint of :class:`Im2Col` (each image element sums the column entries that
-    copy it), with a per-channel bias added in the same pass."""
+    """y = s(m) (col2im(cols) + bias): the adjoint of :class:`Im2Col` (each image element sums the column entries
+    that copy it), with a per-channel bias added in the same pass, masked by the leaky ReLU's derivative at
+    ``m`` when given. ``act=True`` instead applies the leaky ReLU itself, y = leaky_relu(col2im(cols) + bias):
+    then y's own sign picks the factors of its derivative, which is Im2Col masked at y."""
 
     @staticmethod
-    def forward(ctx, cols, bias, geom):
-        ctx.geom = geom
-        return _col2im(cols, bias, geom)
+    def forward(ctx, cols, bias, geom, m=None, slope=None, act=False):
+        ctx.geom, ctx.slope = geom, slope
+        y = _col2im(cols, bias, geom, m, slope, act)
+        mask_src = y if act else m
+        if mask_src is not None:
+            ctx.save_for_backward(mask_src)
+        return y
 
     @staticmethod
     def backward(ctx, gy):
-        gc = Im2Col.apply(gy, ctx.geom) if ctx.needs_input_grad[0] else None
-        gb = gy.sum((0, 2, 3)) if ctx.needs_input_grad[1] else None
-        return gc, gb, None
+        m = ctx.saved_tensors[0] if ctx.saved_tensors else None
+        gc = Im2Col.apply(gy, ctx.geom, m, ctx.slope) if ctx.needs_input_grad[0] else None
+        gb = None
+        if ctx.needs_input_grad[1]:
+            gb = (gy if m is None else leaky_relu_grad(gy, m, ctx.slope)).sum((0, 2, 3))
+        return gc, gb, None, None, None, None
 
 
-def im2col(x: Tensor, kernel_size: int, stride: int, padding=(0, 0, 0, 0), layout: str = "pqc") -> Tensor:
+def im2col(x: Tensor, kernel_size: int, stride: int, padding=(0, 0, 0, 0), layout: str = "pqc",
+           slope=None) -> Tensor:
     """The patches of ``x`` [B, C, H, W] zero-padded by ``padding`` = (top, bottom, left, right), as a
     [B Ho Wo, k k C] matrix: row (b, i, j) holds x_pad[b, c, i s + p, j s + q] at column (p k + q) C + c
     (``layout="pqc"``, channel innermost) or (c k + p) k + q (``"cpq"``).
 
+    With ``slope``: the patches of ``leaky_relu(x, slope)``, the activation computed on the fly.
     Differentiable to any order (:class:`Im2Col`); a Triton kernel on CUDA, a strided copy elsewhere.
     """
     if x.dim() != 4:
         raise ValueError(f"im2col expects an image batch [B, C, H, W], got shape {list(x.shape)}")
-    return Im2Col.apply(x, _geometry(x.shape[-2:], kernel_size, stride, padding, layout))
+    g = _geometry(x.shape[-2:], kernel_size, stride, padding, layout)
+    return Im2Col.apply(x, g, None if slope is None else x, None if slope is None else float(slope))
 
 
 def col2im(cols: Tensor, size, kernel_size: int, stride: int, padding=(0, 0, 0, 0), bias=None,
-           layout: str = "pqc") -> Tensor:
+           layout: str = "pqc", slope=None) -> Tensor:
     """The adjoint of :func:`im2col` for an image of spatial ``size`` (H, W) with the same ``padding`` and
     ``layout``: each image element sums the column entries that hold it (entries in the padding are dropped),
     plus ``bias`` [C] per channel. ``cols``: [B Ho Wo, k k C]. Returns [B, C, H, W] (through Triton an NCHW
     view of channels-last memory).
 
+    With ``slope``: ``leaky_relu(col2im(cols) + bias, slope)``, the activation applied in the same pass.
     Differentiable to any order (:class:`Col2Im`); on CUDA one deterministic Triton kernel (gather form, bias
     fused), elsewhere ``unfold_backward`` per spatial axis.
     """
@@ -420,7 +485,15 @@ def col2im(cols: Tensor, size, kernel_size: int, stride: int, padding=(0, 0, 0, 
                          f"(kernel {g.k}, stride {g.s}, padding {tuple(padding)}), got shape {list(cols.shape)}")
     if bias is not None and tuple(bias.shape) != (cols.shape[1] // (g.k * g.k),):
         raise ValueError(f"bias must have shape [{cols.shape[1] // (g.k * g.k)}], got {list(bias.shape)}")
-    return Col2Im.apply(cols, bias, g)
+    return _col2im_act(cols, bias, g, slope)
+
+
+def _col2im_act(cols: Tensor, bias, g: _Geom, slope) -> Tensor:
+    if slope is None:
+        return Col2Im.apply(cols, bias, g)
+    if not slope > 0:   # y's sign stands for the pre-activation's only for a positive slope
+        raise ValueError(f"a leaky ReLU fused into col2im needs a positive slope, got {slope}")
+    return Col2Im.apply(cols, bias, g, None, float(slope), True)
 
 
 def _weight_matrix(weight: Tensor, layout: str) -> Tensor:
@@ -431,30 +504,34 @@ def _weight_matrix(weight: Tensor, layout: str) -> Tensor:
     return weight.reshape(weight.shape[0], -1)
 
 
-def conv2d_gemm(x: Tensor, weight: Tensor, bias, stride: int, padding=(0, 0, 0, 0)) -> Tensor:
+def conv2d_gemm(x: Tensor, weight: Tensor, bias, stride: int, padding=(0, 0, 0, 0), in_slope=None) -> Tensor:
     """F.conv2d(F.pad(x, (left, right, top, bottom)), weight, bias, stride) as im2col and one 2-D matrix product.
 
     ``padding`` = (top, bottom, left, right) zeros are read inside im2col (no padded copy of ``x``). im2col
     (:func:`im2col`, layout ``COLS_LAYOUT``) writes [B Ho Wo, k k C] rows; ``F.unfold`` is avoided because its
     CUDA kernel is launched once per image. The bias is added in the GEMM (``addmm``). Every derivative is a
-    matrix product, im2col or col2im. The output is an NCHW view of channels-last memory.
+    matrix product, im2col or col2im. The output is an NCHW view of channels-last memory. With ``in_slope``
+    the input is the pre-activation of a leaky ReLU, which im2col applies as it reads (the layer computes
+    ``conv(leaky_relu(x, in_slope))``; its derivatives mask inside col2im / im2col: no activation kernels).
     """
     b = x.shape[0]
     c_out, _, k, _ = weight.shape
     g = _geometry(x.shape[-2:], k, stride, padding, COLS_LAYOUT)
-    cols = Im2Col.apply(x, g)                                             # [B Ho Wo, k k C]
+    cols = Im2Col.apply(x, g, None if in_slope is None else x,           # [B Ho Wo, k k C]
+                        None if in_slope is None else float(in_slope))
     wm = _weight_matrix(weight, g.layout)                                 # [O, k k C]
     y = cols @ wm.t() if bias is None else torch.addmm(bias, cols, wm.t())   # [B Ho Wo, O]
     return y.view(b, g.ho, g.wo, c_out).permute(0, 3, 1, 2)
 
 
 def conv_transpose2d_gemm(x: Tensor, weight: Tensor, bias, stride: int, padding: int,
-                          crop_after: int = 0) -> Tensor:
+                          crop_after: int = 0, out_slope=None) -> Tensor:
     """F.conv_transpose2d(x, weight, bias, stride, padding) as one 2-D matrix product and col2im.
 
     The full output ((H - 1) s + k) is cropped by ``padding`` on each side and by ``crop_after`` more at the
     end (bottom, right) inside col2im, which also adds the bias (:func:`col2im`: on CUDA one Triton kernel
-    writing channels-last memory). The rows [B H W, C_in] are a free view of channels-last input.
+    writing channels-last memory). The rows [B H W, C_in] are a free view of channels-last input. With
+    ``out_slope``, col2im also applies a leaky ReLU (``leaky_relu(conv_transpose(x), out_slope)``).
     """
     b, c_in, h, w = x.shape
     _, c_out, k, _ = weight.shape
@@ -463,4 +540,4 @@ def conv_transpose2d_gemm(x: Tensor, weight: Tensor, bias, stride: int, padding:
     g = _geometry(size, k, stride, (padding, padding + crop_after, padding, padding + crop_after), COLS_LAYOUT)
     rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c_in)                # free for channels-last input
     cols = rows @ _weight_matrix(weight, g.layout)                        # [B H W, k k O]
-    return Col2Im.apply(cols, bias, g)
+    return _col2im_act(cols, bias, g, out_slope)

@@ -60,6 +60,7 @@ __all__ = [
     "TFBatchNorm",
     "CONV_IMPLS",
     "build_models",
+    "fuse_activations",
     "set_conv_impl",
     "tf_same_padding",
 ]
@@ -103,12 +104,14 @@ class SameConv2d(nn.Conv2d):
         self.same_kernel = int(kernel_size)
         self.same_stride = int(stride)
         self.impl = "native"   # or "adjoint" / "gemm": see set_conv_impl
+        self.in_slope = None   # gemm: the leaky ReLU before this layer, applied inside im2col (set_conv_impl)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         top, bottom = tf_same_padding(x.shape[-2], self.same_kernel, self.same_stride)
         left, right = tf_same_padding(x.shape[-1], self.same_kernel, self.same_stride)
         if self.impl == "gemm":  # im2col reads the zero padding itself
-            return conv.conv2d_gemm(x, self.weight, self.bias, self.same_stride, (top, bottom, left, right))
+            return conv.conv2d_gemm(x, self.weight, self.bias, self.same_stride, (top, bottom, left, right),
+                                    in_slope=self.in_slope)
         if self.impl == "native" and top == bottom and left == right:   # e.g. 3x3 stride 1: the conv pads itself
             return F.conv2d(x, self.weight, self.bias, self.same_stride, (top, left))
         if top or bottom or left or right:
@@ -137,11 +140,12 @@ class SameConvTranspose2d(nn.ConvTranspose2d):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=before, bias=bias)
         self.crop_after = after - before  # 0 or 1 extra rows/cols at the end
         self.impl = "native"   # or "adjoint" / "gemm": see set_conv_impl
+        self.out_slope = None  # gemm: the leaky ReLU after this layer, applied inside col2im (set_conv_impl)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.impl == "gemm":  # col2im crops (both ends) and adds the bias itself
             return conv.conv_transpose2d_gemm(x, self.weight, self.bias, self.stride[0], self.padding[0],
-                                              crop_after=self.crop_after)
+                                              crop_after=self.crop_after, out_slope=self.out_slope)
         if self.impl == "adjoint":
             y = conv.conv_transpose2d_adjoint(x, self.weight, self.bias, self.stride[0], self.padding[0])
         else:
@@ -441,6 +445,10 @@ def set_conv_impl(model: nn.Module, impl: str = "gemm", strided_only: bool = Tru
     layer's memory is then the [out, k k in] matrix of the GEMM (numgan.conv's "pqc" column layout), so
     neither the weight nor its gradient is copied to change layout (issue 4). Switch before the optimiser has state, or its
     foreach kernels see mismatched layouts and fall back to per-tensor kernels (same result, slower).
+
+    Also with ``"gemm"``, a leaky ReLU module next to a GEMM layer in an ``nn.Sequential`` is computed by that
+    layer's im2col / col2im kernel (:func:`fuse_activations`): the same function, without the activation's
+    own kernels in every derivative order.
     """
     if impl not in CONV_IMPLS:
         raise ValueError(f"unknown conv implementation {impl!r}; choose one of {CONV_IMPLS}")
@@ -453,6 +461,37 @@ def set_conv_impl(model: nn.Module, impl: str = "gemm", strided_only: bool = Tru
             fmt = torch.channels_last if impl == "gemm" and conv.COLS_LAYOUT == "pqc" else torch.contiguous_format
             if not m.weight.is_contiguous(memory_format=fmt):
                 m.weight.data = m.weight.data.contiguous(memory_format=fmt)
+    return fuse_activations(model)
+
+
+def fuse_activations(model: nn.Module) -> nn.Module:
+    """Let each GEMM layer compute a leaky ReLU next to it (issue 4); returns ``model``.
+
+    In an ``nn.Sequential``, a :class:`LeakyReLU` right after a "gemm" :class:`SameConvTranspose2d` is applied
+    by its col2im (``out_slope``), and one right before a "gemm" :class:`SameConv2d` by its im2col
+    (``in_slope``); the module itself then passes its input through (``LeakyReLU.fused``). The function is
+    the same: the derivative of the fused activation is a mask inside the same two kernels (numgan.conv.Im2Col,
+    Col2Im), where ConOpt's step otherwise launched five or six activation kernels per layer (forward, first
+    and second derivatives). Activations not adjacent to a GEMM layer (batch norm between, the last one
+    before the FC layer, functional calls in residual blocks) stay as they are. Re-run after changing layers'
+    ``impl``; :func:`set_conv_impl` calls it.
+    """
+    for m in model.modules():
+        if isinstance(m, SameConv2d):
+            m.in_slope = None
+        elif isinstance(m, SameConvTranspose2d):
+            m.out_slope = None
+        elif isinstance(m, LeakyReLU):
+            m.fused = False
+    for seq in model.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        layers = list(seq)
+        for a, b in zip(layers[:-1], layers[1:]):
+            if isinstance(a, SameConvTranspose2d) and a.impl == "gemm" and isinstance(b, LeakyReLU) and not b.fused:
+                a.out_slope, b.fused = b.negative_slope, True
+            elif isinstance(a, LeakyReLU) and not a.fused and isinstance(b, SameConv2d) and b.impl == "gemm":
+                b.in_slope, a.fused = a.negative_slope, True
     return model
 
 

@@ -14,10 +14,11 @@ momentum / centered         0 / False            0 / False
 Per element:  ms <- rho ms + (1 - rho) g^2;   p <- p - lr g / sqrt(ms + eps).
 Because ms starts at 1, the first ~50-100 steps are damped, SGD-like steps (0.9^50 ~ 0.005).
 
-**One kernel per tensor** (issue 4). torch's multi-tensor kernels make five passes over every parameter
-tensor (ms *= rho; ms += (1 - rho) g^2; d = ms + eps; d = sqrt(d); p -= lr g / d), and ConOpt a sixth
-before them to form its direction u + gamma J^T u. On CUDA (``fused``, where Triton is available)
-one Triton kernel per parameter tensor does it all: it reads p, ms and the gradient (and the direction's
+**One pass over the parameters** (issue 4). torch's multi-tensor kernels make five passes over every
+parameter tensor (ms *= rho; ms += (1 - rho) g^2; d = ms + eps; d = sqrt(d); p -= lr g / d), and ConOpt
+a sixth before them to form its direction u + gamma J^T u. On CUDA (``fused``, where Triton is available)
+one Triton kernel does it all for up to eight parameter tensors at a time (their addresses are kernel
+arguments, so a CUDA graph captures them as they are): it reads p, ms and the gradient (and the direction's
 second term, ``apply_gradients(..., extra, alpha)``) once and writes p and ms once. The image GANs' step
 is memory bound here: for dcgan4 (9.1 million parameters) 17 reads or writes per parameter become 6.
 The arithmetic is the same, float32 with IEEE square root and division; the test compares it with the
@@ -31,14 +32,15 @@ from torch import Tensor
 from ._triton import INTERPRET, device_guard, tl, triton
 
 _BLOCK = 1024   # elements per program of the fused kernel
+_SLOTS = 8      # parameter tensors per launch (the kernel's pointer arguments: captured with a CUDA graph as they are)
 
 
 if triton is not None:
     @triton.jit
-    def _tf1_rmsprop_kernel(p, g, e, ms, n, lr, decay, one_minus_decay, eps, alpha,
-                            HAS_E: tl.constexpr, BLOCK: tl.constexpr):
+    def _tf1_rmsprop_block(p, g, e, ms, n, block, lr, decay, one_minus_decay, eps, alpha,
+                           HAS_E: tl.constexpr, BLOCK: tl.constexpr):
         # ms <- decay ms + (1 - decay) d^2;  p <- p - lr d / sqrt(ms + eps),  d = g (+ alpha e)
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         d = tl.load(g + offs, mask=mask, other=0.0)
         if HAS_E:
@@ -47,6 +49,47 @@ if triton is not None:
         tl.store(ms + offs, m, mask=mask)
         x = tl.load(p + offs, mask=mask, other=0.0)
         tl.store(p + offs, x - lr * tl.div_rn(d, tl.sqrt_rn(m + eps)), mask=mask)
+
+    @triton.jit
+    def _tf1_rmsprop_kernel(p0, g0, e0, m0, n0, p1, g1, e1, m1, n1, p2, g2, e2, m2, n2, p3, g3, e3, m3, n3,
+                            p4, g4, e4, m4, n4, p5, g5, e5, m5, n5, p6, g6, e6, m6, n6, p7, g7, e7, m7, n7,
+                            s1, s2, s3, s4, s5, s6, s7, lr, decay, one_minus_decay, eps, alpha,
+                            HAS_E: tl.constexpr, BLOCK: tl.constexpr):
+        # up to _SLOTS tensors: program ids [s_k, s_k+1) update tensor k (s_0 = 0; unused slots start at the end)
+        pid = tl.program_id(0)
+        h = (lr, decay, one_minus_decay, eps, alpha)
+        if pid < s1:
+            _tf1_rmsprop_block(p0, g0, e0, m0, n0, pid, *h, HAS_E, BLOCK)
+        elif pid < s2:
+            _tf1_rmsprop_block(p1, g1, e1, m1, n1, pid - s1, *h, HAS_E, BLOCK)
+        elif pid < s3:
+            _tf1_rmsprop_block(p2, g2, e2, m2, n2, pid - s2, *h, HAS_E, BLOCK)
+        elif pid < s4:
+            _tf1_rmsprop_block(p3, g3, e3, m3, n3, pid - s3, *h, HAS_E, BLOCK)
+        elif pid < s5:
+            _tf1_rmsprop_block(p4, g4, e4, m4, n4, pid - s4, *h, HAS_E, BLOCK)
+        elif pid < s6:
+            _tf1_rmsprop_block(p5, g5, e5, m5, n5, pid - s5, *h, HAS_E, BLOCK)
+        elif pid < s7:
+            _tf1_rmsprop_block(p6, g6, e6, m6, n6, pid - s6, *h, HAS_E, BLOCK)
+        else:
+            _tf1_rmsprop_block(p7, g7, e7, m7, n7, pid - s7, *h, HAS_E, BLOCK)
+
+
+def _launch(items: list, lr: float, decay: float, eps: float, alpha: float, has_e: bool) -> None:
+    """One kernel launch for up to _SLOTS (p, g, e, ms) tensors (of one device, laid out alike)."""
+    args, starts, total = [], [], 0
+    for p, g, e, m in items:
+        starts.append(total)
+        total += triton.cdiv(p.numel(), _BLOCK)
+        args += [p, g, g if e is None else e, m, p.numel()]
+    for _ in range(_SLOTS - len(items)):     # unused slots: no programs
+        p, g, e, m = items[0]
+        starts.append(total)
+        args += [p, g, g, m, 0]
+    with device_guard(items[0][0]):
+        _tf1_rmsprop_kernel[(total,)](*args, *starts[1:], lr, decay, 1.0 - decay, eps, alpha,
+                                      HAS_E=has_e, BLOCK=_BLOCK)
 
 
 def fused_available() -> bool:
@@ -104,7 +147,7 @@ class TF1RMSprop(torch.optim.Optimizer):
         eps: added to the accumulator inside the square root (default 1e-10).
         momentum: TF momentum (0 in the paper); ``mom <- momentum mom + lr g / sqrt(ms + eps)``.
         initial_accumulator: starting value of the mean square (1.0 in TF-1).
-        fused: one Triton kernel per parameter tensor (module docstring). None (default): for float32 CUDA
+        fused: one Triton kernel per eight parameter tensors (module docstring). None (default): for float32 CUDA
             tensors without momentum when Triton is available, torch's multi-tensor kernels otherwise;
             True: required (an error where it cannot run); False: never.
     Besides ``step()`` (gradients in ``p.grad``), :meth:`apply_gradients` takes them as arguments.
@@ -197,15 +240,14 @@ class TF1RMSprop(torch.optim.Optimizer):
         decay, eps, lr = group["decay"], group["eps"], group["lr"]
         extra = [None] * len(params) if extra is None else extra
         fuses = self._fuses(group, params)
-        for p, g, e, m, fuse in zip(params, grads, extra, squares, fuses):
-            n = p.numel()
-            if fuse and n:
-                g = laid_out_as(g, p)
-                e = None if e is None else laid_out_as(e, p)
-                with device_guard(p):
-                    _tf1_rmsprop_kernel[(triton.cdiv(n, _BLOCK),)](
-                        p, g, g if e is None else e, m, n, lr, decay, 1.0 - decay, eps, alpha,
-                        HAS_E=e is not None, BLOCK=_BLOCK)
+        for has_e in (False, True):      # launches of up to _SLOTS tensors alike (one device, extra term or not)
+            todo = [(p, laid_out_as(g, p), None if e is None else laid_out_as(e, p), m)
+                    for p, g, e, m, fuse in zip(params, grads, extra, squares, fuses)
+                    if fuse and p.numel() and (e is not None) == has_e]
+            for dev in dict.fromkeys(p.device for p, *_ in todo):
+                on_dev = [it for it in todo if it[0].device == dev]
+                for i in range(0, len(on_dev), _SLOTS):
+                    _launch(on_dev[i:i + _SLOTS], lr, decay, eps, alpha, has_e)
         if all(fuses):
             return
         rest = [i for i, fuse in enumerate(fuses) if not fuse]     # torch's multi-tensor kernels

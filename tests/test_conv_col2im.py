@@ -58,6 +58,20 @@ def _check_adjoint():
         # the two layouts differ by a permutation of each row
         a, b_ = conv.im2col(x, k, s, pad, "pqc"), conv.im2col(x, k, s, pad, "cpq")
         assert torch.equal(a.view(-1, k, k, c).permute(0, 3, 1, 2).reshape(b_.shape), b_)
+        # masked by the leaky ReLU's derivative at m (fused activations): still adjoint; with m = x, the patches
+        # of leaky_relu(x); col2im with a slope applies the activation after the bias
+        g = conv._geometry((h, w), k, s, pad)
+        m = _rand(b, c, h, w, gen=gen).contiguous(memory_format=torch.channels_last)
+        cols_m = conv.Im2Col.apply(x, g, m, 0.2)
+        c_rand = _rand(*cols_m.shape, gen=gen)
+        y_m = conv.Col2Im.apply(c_rand, None, g, m, 0.2)
+        torch.testing.assert_close((y_m * x).sum(), (c_rand * cols_m).sum(), rtol=1e-12, atol=1e-12)
+        assert (y_m != conv.col2im(c_rand, (h, w), k, s, pad)).any()
+        torch.testing.assert_close(conv.im2col(x, k, s, pad, slope=0.2), conv.im2col(F.leaky_relu(x, 0.2), k, s, pad),
+                                   rtol=0, atol=0)
+        bias = _rand(c, gen=gen)
+        torch.testing.assert_close(conv.col2im(c_rand, (h, w), k, s, pad, bias, slope=0.2),
+                                   F.leaky_relu(conv.col2im(c_rand, (h, w), k, s, pad, bias), 0.2), rtol=1e-13, atol=0)
 
 
 def _check_gradcheck(fast_mode=False):
@@ -85,6 +99,9 @@ def _check_gradcheck(fast_mode=False):
     wt = _rand(2, 3, 3, 3, gen=gen).requires_grad_()
     xt = _rand(1, 2, 3, 2, gen=gen).requires_grad_()
     assert gradgradcheck(lambda a, b, d: conv.conv_transpose2d_gemm(a, b, d, 2, 1, 1), (xt, wt, bw))
+    # with the leaky ReLU fused in (piecewise linear: the random points are away from its kink)
+    assert gradgradcheck(lambda a, b, d: conv.conv2d_gemm(a, b, d, 2, pad, in_slope=0.2), (x, w, bw))
+    assert gradgradcheck(lambda a, b, d: conv.conv_transpose2d_gemm(a, b, d, 2, 1, 1, out_slope=0.2), (xt, wt, bw))
 
 
 def _mini_gan(gen):
@@ -101,21 +118,25 @@ def _run_gan(impl, g_params, d_params, z, x):
     def deconv(t, w, b):
         if impl == "native":
             return F.conv_transpose2d(t, w, b, stride=2, padding=1)[..., :-1, :-1]
-        if impl == "gemm-folded":   # padding and crop inside col2im
+        if impl in ("gemm-folded", "gemm-fused"):   # padding and crop inside col2im
             return conv.conv_transpose2d_gemm(t, w, b, 2, 1, crop_after=1)
         return conv.conv_transpose2d_gemm(t, w, b, 2, 1)[..., :-1, :-1]   # as numgan.models calls it
 
     def conv2d(t, w, b):
         if impl == "native":
             return F.conv2d(F.pad(t, (1, 2, 1, 2)), w, b, stride=2)
-        if impl == "gemm-folded":
+        if impl in ("gemm-folded", "gemm-fused"):
             return conv.conv2d_gemm(t, w, b, 2, SAME)
         return conv.conv2d_gemm(F.pad(t, (1, 2, 1, 2)), w, b, 2)
 
     def G(t):
+        if impl == "gemm-fused":   # the activations inside col2im / im2col (numgan.models.fuse_activations)
+            return torch.tanh(deconv(conv.conv_transpose2d_gemm(t, g1, gb1, 2, 1, 1, out_slope=0.2), g2, gb2))
         return torch.tanh(deconv(F.leaky_relu(deconv(t, g1, gb1), 0.2), g2, gb2))
 
     def D(t):
+        if impl == "gemm-fused":
+            return conv.conv2d_gemm(conv2d(t, d1, db1), d2, db2, 2, SAME, in_slope=0.2).sum((1, 2, 3))
         return conv2d(F.leaky_relu(conv2d(t, d1, db1), 0.2), d2, db2).sum((1, 2, 3))
 
     d_fake = D(G(z))
@@ -135,7 +156,7 @@ def _check_conopt_matches_native():
     try:
         for layout in ("pqc", "cpq"):
             conv.COLS_LAYOUT = layout
-            for impl in ("gemm", "gemm-folded"):
+            for impl in ("gemm", "gemm-folded", "gemm-fused"):
                 out = _run_gan(impl, g_params, d_params, z, x)
                 assert len(out) == len(ref)
                 for a, b in zip(out, ref):
@@ -150,30 +171,43 @@ def _check_values_against_torch_path():
     gen = torch.Generator().manual_seed(3)
     k, s = 5, 2
 
-    def both(x=None, cols=None, size=None, pad=SAME, bias=None, layout="pqc"):
+    def both(x=None, cols=None, size=None, pad=SAME, bias=None, layout="pqc", masks=False):
+        """Triton vs torch; with ``masks`` also masked by a random mask source (channels-last, other strides
+        than the data) and, for col2im, with the activation applied."""
         g = conv._geometry(size if x is None else x.shape[-2:], k, s, pad, layout)
         if x is not None:
             a, b = conv._im2col_triton(x, g), conv._im2col_torch(x, g)
             assert a.shape == b.shape and torch.equal(a, b), ("im2col", tuple(x.shape), pad)
+            if masks:
+                m = torch.randn(x.shape, generator=gen, dtype=x.dtype).contiguous(memory_format=torch.channels_last)
+                for src in (m, x):
+                    a, b = conv._im2col_triton(x, g, src, 0.2), conv._im2col_torch(x, g, src, 0.2)
+                    assert torch.equal(a, b), ("masked im2col", tuple(x.shape), pad)
         if cols is not None:
             a, b = conv._col2im_triton(cols, bias, g), conv._col2im_torch(cols, bias, g)
             assert a.shape == b.shape, ("col2im", a.shape, b.shape)
             torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+            if masks:
+                m = torch.randn(b.shape, generator=gen, dtype=b.dtype)
+                for kw in (dict(m=m), dict(act=True)):
+                    a, b2 = conv._col2im_triton(cols, bias, g, slope=0.2, **kw), conv._col2im_torch(cols, bias, g, slope=0.2, **kw)
+                    torch.testing.assert_close(a, b2, rtol=1e-13, atol=1e-13)
+                    assert (a != b).any()
 
     for size in (32, 64):
         for c_in, c_out, h in _G_LAYERS[size]:   # G: col2im (forward, bias, SAME crop), im2col (backward)
             cols = _rand(h * h, k * k * c_out, gen=gen)
             pad = (1, 2, 1, 2)   # crop 1 before, padding + crop_after = 2 after: output 2h
-            both(cols=cols, size=(2 * h, 2 * h), pad=pad, bias=_rand(c_out, gen=gen))
+            both(cols=cols, size=(2 * h, 2 * h), pad=pad, bias=_rand(c_out, gen=gen), masks=size == 32)
             both(cols=cols, size=(2 * h + 1, 2 * h + 1), pad=(1, 1, 1, 1))   # crop_after left to the caller
             gy = _rand(1, 2 * h, 2 * h, c_out, gen=gen).permute(0, 3, 1, 2)   # channels-last gradient
-            both(x=gy, pad=pad)
+            both(x=gy, pad=pad, masks=size == 32)
         for c_in, c_out, h in _D_LAYERS[size]:   # D: im2col (forward), col2im (backward)
             x = _rand(1, c_in, h, h, gen=gen)
-            both(x=x, pad=SAME)
+            both(x=x, pad=SAME, masks=size == 32)
             both(x=F.pad(x, (1, 2, 1, 2)).contiguous(memory_format=torch.channels_last), pad=(0, 0, 0, 0))
             cols = _rand((h // 2) ** 2, k * k * c_in, gen=gen)
-            both(cols=cols, size=(h, h), pad=SAME)
+            both(cols=cols, size=(h, h), pad=SAME, masks=size == 32)
             both(cols=cols, size=(h + 3, h + 3), pad=(0, 0, 0, 0))
     # odd cases: sizes 4..32, C in {3, 64, 128}, 2 images, transposed (non-contiguous) columns; sizes 4 and 8
     # with the GPU's small tiles (partial position / channel / column blocks; larger ones cost minutes here)

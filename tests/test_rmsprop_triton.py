@@ -24,11 +24,12 @@ CLOSE = dict(rtol=2e-6, atol=2e-8)   # a few float32 ulps of the parameters and 
 def _params(device="cpu", seed=0):
     """Tensors of every layout the models produce: contiguous, channels-last, transposed, a [1, n] weight whose
     size-1 dimension has an arbitrary stride, a 0-d scalar, one spanning several kernel programs, an empty one;
-    and a non-dense one, which the fused optimiser leaves to torch's kernels."""
+    and a non-dense one, which the fused optimiser leaves to torch's kernels; then vectors, 20 tensors in all."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     ts = [r(8, 3, 5, 5).contiguous(memory_format=torch.channels_last), r(7, 5).t(), r(3000),
           r(2048, 1).t(), r(()), r(16, 3, 3, 3), torch.empty(0, 4), r(8, 6)[:, ::2]]
+    ts += [r(1 + 97 * i) for i in range(12)]   # 20 tensors: launches of 8, 8 and fewer
     return [torch.nn.Parameter(t.to(device)) for t in ts]
 
 
@@ -77,7 +78,7 @@ def _interpreter_checks():
     assert _triton.INTERPRET
     for kw in (dict(extra=True), dict(extra=False), dict(extra=True, layout_of="contiguous")):
         fused, plain = _run(None, **kw), _run(False, **kw)
-        assert fused[1]._fuses(fused[1].param_groups[0], fused[0]) == [True] * 7 + [False]
+        assert fused[1]._fuses(fused[1].param_groups[0], fused[0]) == [True] * 7 + [False] + [True] * 12
         assert not any(plain[1]._fuses(plain[1].param_groups[0], plain[0]))
         _same(fused, plain)
         moved = [(p - q).abs().max() for p, q in zip(fused[0], _params()) if p.numel()]
@@ -134,7 +135,7 @@ def test_fused_choice_and_errors_without_a_gpu():
 def test_fused_update_equals_the_multi_tensor_path_on_cuda():
     for kw in (dict(extra=True), dict(extra=False), dict(extra=True, layout_of="contiguous")):
         fused, plain = _run(None, device="cuda", **kw), _run(False, device="cuda", **kw)
-        assert fused[1]._fuses(fused[1].param_groups[0], fused[0]) == [True] * 7 + [False]
+        assert fused[1]._fuses(fused[1].param_groups[0], fused[0]) == [True] * 7 + [False] + [True] * 12
         _same(fused, plain)
 
 
