@@ -144,12 +144,16 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--tf32", choices=("on", "off"), default="on")
+    ap.add_argument("--blas", choices=("default", "cublas", "cublaslt"), default="default",
+                    help="CUDA: torch.backends.cuda.preferred_blas_library for every variant (the GEMMs' kernels)")
     ap.add_argument("--check-iters", type=int, default=20, help="0 to skip the fast-vs-eager check")
     ap.add_argument("--record", action="store_true", help="append the table to benchmarks/results/")
     args = ap.parse_args()
     device = torch.device(args.device)
     tf32_on = args.tf32 == "on"
     set_precision(device, tf32_on)   # the plain port too (build_training applies it for the numgan variants)
+    if args.blas != "default" and device.type == "cuda":
+        torch.backends.cuda.preferred_blas_library(args.blas)
     if device.type == "cpu":
         torch.set_num_threads(1)
     images = torch.randint(0, 256, (2048, 3, 32, 32), dtype=torch.uint8)
@@ -187,7 +191,8 @@ def main():
         if "simga" in base else {}
     head = common.header(device)
     tf32 = args.tf32 if device.type == "cuda" else "n/a (CPU)"
-    text = (f"## {args.arch}, batch {args.batch}, TF32 {tf32}\n\n{common.format_header(head)}\n\n"
+    blas = "" if args.blas == "default" else f", BLAS {args.blas}"
+    text = (f"## {args.arch}, batch {args.batch}, TF32 {tf32}{blas}\n\n{common.format_header(head)}\n\n"
             + common.markdown_table(rows) + "\n\n"
             + "fast-path time relative to fast SimGA: " + ", ".join(f"{m} {r:.2f}x" for m, r in ratio.items()) + "\n")
     common.report("step", device, text, args.record)

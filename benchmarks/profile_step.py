@@ -4,8 +4,7 @@
     python benchmarks/profile_step.py --method conopt --variant fast --summary     # by kind of kernel
     python benchmarks/profile_step.py --method conopt --variant gemm --by-shape    # every matrix product
 
-``--by-shape`` lists the GPU time of every matrix product with its operand shapes and strides, and its
-TFLOP/s. A CUDA graph's kernels are not attributed to the operators that recorded them, so use it on an
+``--by-shape`` lists the GPU time of every matrix product with its operand shapes, and its TFLOP/s. A CUDA graph's kernels are not attributed to the operators that recorded them, so use it on an
 eager variant ("gemm": the fast path's convolutions without the graph; its kernels are the graph's).
 """
 import argparse

@@ -282,7 +282,7 @@ if triton is not None:
     def _im2col_kernel(x, cols, mask_src, slope, n_rows, n_cols, C, H, W, Ho, Wo, top, left,
                        x_b, x_c, x_h, x_w, m_b, m_c, m_h, m_w,
                        K: tl.constexpr, S: tl.constexpr, CPQ: tl.constexpr, MASK: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):
+                       MASK_SELF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):
         # A [BLOCK_R rows (b, i, j)] x [BLOCK_J columns] tile of the contiguous column matrix; the source
         # address and the bounds split into a row part and a column part. Zeros outside the image.
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -311,8 +311,11 @@ if triton is not None:
         src = (b * x_b + h0 * x_h + w0 * x_w)[:, None] + (c * x_c + p * x_h + q * x_w)[None, :]
         v = tl.load(x + src, mask=ok, other=0.0)
         if MASK:   # x times the leaky ReLU's derivative at mask_src (leaky_relu(x) when mask_src is x)
-            m_src = (b * m_b + h0 * m_h + w0 * m_w)[:, None] + (c * m_c + p * m_h + q * m_w)[None, :]
-            mv = tl.load(mask_src + m_src, mask=ok, other=0.0)
+            if MASK_SELF:
+                mv = v
+            else:
+                m_src = (b * m_b + h0 * m_h + w0 * m_w)[:, None] + (c * m_c + p * m_h + q * m_w)[None, :]
+                mv = tl.load(mask_src + m_src, mask=ok, other=0.0)
             v = tl.where(mv > 0, v, v * tl.load(slope).to(v.dtype))
         tl.store(cols + (r * n_cols)[:, None] + jj[None, :], v, mask=rmask[:, None] & jmask[None, :])
 
@@ -347,7 +350,13 @@ def _slope_tensor(slope: float, like: Tensor) -> Tensor:
     key = (float(slope), like.dtype, like.device)
     t = _SLOPES.get(key)
     if t is None:
-        t = _SLOPES[key] = torch.full((1,), float(slope), dtype=like.dtype, device=like.device)
+        if like.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("a fused leaky ReLU's first use is inside a CUDA-graph capture: run the step once "
+                               "eagerly before capturing it (numgan.step.GanStep does)")
+        t = torch.full((1,), float(slope), dtype=like.dtype, device=like.device)
+        if t.is_cuda:
+            torch.cuda.current_stream(t.device).synchronize()   # filled before any other stream reads it
+        _SLOPES[key] = t
     return t
 
 
@@ -366,7 +375,7 @@ def _im2col_triton(x: Tensor, g: _Geom, m=None, slope=None) -> Tensor:
         _im2col_kernel[grid](x, cols, x if m is None else m, x if m is None else _slope_tensor(slope, x),
                              cols.shape[0], n_cols, c, g.h, g.w, g.ho, g.wo, g.top, g.left, *x.stride(),
                              *(x if m is None else m).stride(), K=g.k, S=g.s, CPQ=g.layout == "cpq",
-                             MASK=m is not None, BLOCK_R=br, BLOCK_J=bj)
+                             MASK=m is not None, MASK_SELF=m is x, BLOCK_R=br, BLOCK_J=bj)
     return cols
 
 
@@ -424,6 +433,8 @@ class Im2Col(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gc):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
         m = ctx.saved_tensors[0] if ctx.saved_tensors else None
         return Col2Im.apply(gc, None, ctx.geom, m, ctx.slope), None, None, None
 

@@ -37,6 +37,7 @@ All modules avoid in-place ops and `.data` so that double backprop (ConOpt) work
 """
 from __future__ import annotations
 
+import collections
 from typing import Callable
 
 import torch
@@ -109,9 +110,11 @@ class SameConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         top, bottom = tf_same_padding(x.shape[-2], self.same_kernel, self.same_stride)
         left, right = tf_same_padding(x.shape[-1], self.same_kernel, self.same_stride)
-        if self.impl == "gemm":  # im2col reads the zero padding itself
+        if self.impl == "gemm":  # im2col reads the zero padding itself (and applies a fused activation)
             return conv.conv2d_gemm(x, self.weight, self.bias, self.same_stride, (top, bottom, left, right),
                                     in_slope=self.in_slope)
+        if self.in_slope is not None:   # fused by fuse_activations, impl changed since: the same function
+            x = leaky_relu(x, self.in_slope)
         if self.impl == "native" and top == bottom and left == right:   # e.g. 3x3 stride 1: the conv pads itself
             return F.conv2d(x, self.weight, self.bias, self.same_stride, (top, left))
         if top or bottom or left or right:
@@ -152,7 +155,7 @@ class SameConvTranspose2d(nn.ConvTranspose2d):
             y = super().forward(x)
         if self.crop_after:
             y = y[..., : y.shape[-2] - self.crop_after, : y.shape[-1] - self.crop_after]
-        return y
+        return y if self.out_slope is None else leaky_relu(y, self.out_slope)   # (fused, impl changed since)
 
 
 class TFBatchNorm(nn.Module):
@@ -473,22 +476,27 @@ def fuse_activations(model: nn.Module) -> nn.Module:
     the same: the derivative of the fused activation is a mask inside the same two kernels (numgan.conv.Im2Col,
     Col2Im), where ConOpt's step otherwise launched five or six activation kernels per layer (forward, first
     and second derivatives). Activations not adjacent to a GEMM layer (batch norm between, the last one
-    before the FC layer, functional calls in residual blocks) stay as they are. Re-run after changing layers'
-    ``impl``; :func:`set_conv_impl` calls it.
+    before the FC layer, functional calls in residual blocks, a module used in several places) stay as they
+    are. A fused layer whose ``impl`` is changed by hand keeps applying its activation (the same function);
+    :func:`set_conv_impl` re-runs this.
     """
-    for m in model.modules():
-        if isinstance(m, SameConv2d):
-            m.in_slope = None
-        elif isinstance(m, SameConvTranspose2d):
-            m.out_slope = None
-        elif isinstance(m, LeakyReLU):
-            m.fused = False
+    uses = collections.Counter(id(m) for m in model.modules(remove_duplicate=False))
     for seq in model.modules():
         if not isinstance(seq, nn.Sequential):
             continue
         layers = list(seq)
+        for m in layers:   # undo this container's pairs (a pair never spans two containers)
+            if isinstance(m, SameConv2d):
+                m.in_slope = None
+            elif isinstance(m, SameConvTranspose2d):
+                m.out_slope = None
+            elif isinstance(m, LeakyReLU):
+                m.fused = False
         for a, b in zip(layers[:-1], layers[1:]):
-            if isinstance(a, SameConvTranspose2d) and a.impl == "gemm" and isinstance(b, LeakyReLU) and not b.fused:
+            if uses[id(a)] > 1 or uses[id(b)] > 1:
+                continue
+            if (isinstance(a, SameConvTranspose2d) and a.impl == "gemm" and isinstance(b, LeakyReLU)
+                    and not b.fused and b.negative_slope > 0):   # col2im's mask comes from the output's sign
                 a.out_slope, b.fused = b.negative_slope, True
             elif isinstance(a, LeakyReLU) and not a.fused and isinstance(b, SameConv2d) and b.impl == "gemm":
                 b.in_slope, a.fused = a.negative_slope, True

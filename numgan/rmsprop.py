@@ -120,10 +120,10 @@ def same_layout(a: Tensor, b: Tensor) -> bool:
 
 
 def laid_out_as(t: Tensor, p: Tensor) -> Tensor:
-    """t (detached) with p's memory layout: itself when it has it, else a copy (torch's multi-tensor kernels
-    take their fast path, and the fused kernel can run, only on tensors laid out alike)."""
+    """t (detached) with p's memory layout, dtype and device: itself when it has them, else a copy (torch's
+    multi-tensor kernels take their fast path, and the fused kernel can run, only on tensors laid out alike)."""
     t = t.detach()
-    return t if same_layout(t, p) else torch.empty_like(p).copy_(t)
+    return t if t.dtype == p.dtype and t.device == p.device and same_layout(t, p) else torch.empty_like(p).copy_(t)
 
 
 def combine(directions: Sequence[Tensor], extra: Sequence[Optional[Tensor]], alpha: float) -> list[Tensor]:
@@ -165,6 +165,8 @@ class TF1RMSprop(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.fused = fused      # not a group setting: checkpoints stay what they were
 
+    fused: Optional[bool] = None   # for optimisers pickled before the setting existed
+
     def load_state_dict(self, state_dict) -> None:
         """torch's loading, then each mean square laid out as its parameter (a checkpoint from a run whose
         weights had another memory layout, e.g. numgan.models.set_conv_impl's channels-last GEMM layers,
@@ -195,10 +197,13 @@ class TF1RMSprop(torch.optim.Optimizer):
                         extra: Optional[Sequence[Optional[Tensor]]] = None, alpha: float = 1.0) -> None:
         """One update of ``params`` with the gradients ``grads[i] + alpha * extra[i]`` (an ``extra`` entry None
         adds nothing), as TF's ``apply_gradients``; ``p.grad`` is neither read nor written. With ``fused`` the
-        sum is formed inside the update kernel (ConOpt's u + gamma J^T u, numgan.optim)."""
+        sum is formed inside the update kernel (ConOpt's u + gamma J^T u, numgan.optim). Unlike ``step()`` it
+        runs no optimizer step hooks."""
         extra = [None] * len(params) if extra is None else list(extra)
         if not len(params) == len(grads) == len(extra):
             raise ValueError("apply_gradients needs one gradient (and one extra entry) per parameter")
+        if any(g.shape != p.shape or (e is not None and e.shape != p.shape) for p, g, e in zip(params, grads, extra)):
+            raise ValueError("apply_gradients: every gradient (and extra entry) must have its parameter's shape")
         group_of = {id(p): i for i, group in enumerate(self.param_groups) for p in group["params"]}
         items = [[] for _ in self.param_groups]
         for p, g, e in zip(params, grads, extra):
@@ -248,6 +253,9 @@ class TF1RMSprop(torch.optim.Optimizer):
                 on_dev = [it for it in todo if it[0].device == dev]
                 for i in range(0, len(on_dev), _SLOTS):
                     _launch(on_dev[i:i + _SLOTS], lr, decay, eps, alpha, has_e)
+            for p, _, _, m in todo:   # in-place updates, as torch's own would register them for autograd
+                torch.autograd.graph.increment_version(p)
+                torch.autograd.graph.increment_version(m)
         if all(fuses):
             return
         rest = [i for i, fuse in enumerate(fuses) if not fuse]     # torch's multi-tensor kernels

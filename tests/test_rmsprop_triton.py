@@ -129,6 +129,12 @@ def test_fused_choice_and_errors_without_a_gpu():
         opt.apply_gradients(params, [])
     with pytest.raises(ValueError, match="does not hold"):
         opt.apply_gradients([torch.nn.Parameter(torch.ones(2))], [torch.ones(2)])
+    with pytest.raises(ValueError, match="shape"):
+        opt.apply_gradients(params[2:3], [torch.ones(1)])      # would broadcast
+    # a gradient of another dtype or layout is converted to the parameter's (laid_out_as)
+    p = params[0]
+    assert rmsprop.laid_out_as(p.detach().double(), p).dtype == torch.float32
+    assert rmsprop.same_layout(rmsprop.laid_out_as(p.detach().contiguous(), p), p)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not rmsprop.fused_available(), reason="needs CUDA and Triton")

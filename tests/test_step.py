@@ -84,6 +84,21 @@ def test_gemm_layers_compute_their_neighbouring_leaky_relus():
             torch.testing.assert_close((G(z), D(x)), ref, rtol=1e-5, atol=1e-5)
         if fused_g:
             assert "fused into" in repr(G)
+    # the fusion never changes the function: a layer switched back by hand keeps its activation; a module used
+    # twice, or a non-positive slope after a transposed convolution (col2im masks by the output's sign), is left
+    G, D = build_models("dcgan4_nobn", 32, z_dim=8, f_dim=4)
+    z, x = torch.randn(3, 8), torch.rand(3, 3, 32, 32)
+    ref = (G(z), D(x))
+    set_conv_impl(G, "gemm"), set_conv_impl(D, "gemm")
+    for m in list(G.modules()) + list(D.modules()):
+        if isinstance(m, (SameConv2d, SameConvTranspose2d)):
+            m.impl = "native"
+    torch.testing.assert_close((G(z), D(x)), ref, rtol=1e-5, atol=1e-5)
+    shared = LeakyReLU(0.2)
+    conv_t, conv_t2 = SameConvTranspose2d(4, 4, 5, 2), SameConvTranspose2d(4, 4, 5, 2)
+    net = torch.nn.Sequential(conv_t, shared, conv_t2, shared, SameConvTranspose2d(4, 4, 5, 2), LeakyReLU(-0.5))
+    set_conv_impl(net, "gemm")
+    assert not any(m.fused for m in net.modules() if isinstance(m, LeakyReLU))
 
 
 def test_set_conv_impl_rejects_unknown_and_keeps_stride_one_native():
