@@ -14,6 +14,7 @@ Variants, all on the same models, data and precision:
                evaluated once on [real; fake] (numgan.step.GanStep's joint_d, for D without batch norm)
   fast-split-d the same with D called on the real and the fake batch separately: fewer FLOPs (the joint
                pass backpropagates L_G through zero real rows: ConOpt 171 vs 155 GFLOP), twice the D kernels
+  fast-noalign the fast path with 3-channel layers' 75-wide column matrices unpadded (numgan.conv.ALIGN = 0)
   (--variants also takes "adjoint" and "gemm": those convolutions without the graph)
 Each row is the median over --repeat timed blocks of --iters iterations (after --warmup iterations),
 with the device synchronised around each block. The check column compares the fast path's parameters
@@ -23,6 +24,7 @@ with the eager step's after --check-iters iterations from the same start and the
     python benchmarks/bench_step.py --device cuda --record        # writes benchmarks/results/step-<device>.md
 """
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -85,7 +87,24 @@ VARIANTS = {  # name -> (conv implementation, CUDA graph, joint D pass); None = 
     "plain": None, "eager": ("native", False, None), "graph": ("native", True, None),
     "adjoint-graph": ("adjoint", True, None), "fast": (None, True, None), "fast-split-d": (None, True, False),
     "adjoint": ("adjoint", False, None), "gemm": ("gemm", False, None), "eager-split-d": ("native", False, False),
+    "fast-noalign": (None, True, None),
 }
+# module settings a variant runs under (restored afterwards): "fast-noalign" stores 75-wide column matrices
+# unpadded (numgan.conv.ALIGN = 0, misaligned rows for cuBLAS), to time what the padding gains
+SETTINGS = {"fast-noalign": {"ALIGN": 0}}
+
+
+@contextlib.contextmanager
+def settings(variant):
+    from numgan import conv
+    saved = {k: getattr(conv, k) for k in SETTINGS.get(variant, {})}
+    for k, v in SETTINGS.get(variant, {}).items():
+        setattr(conv, k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(conv, k, v)
 
 
 def build(variant, method, arch, batch, images, device, seed=0, tf32=True):
@@ -168,15 +187,16 @@ def main():
             flops_of[name] = flops_per_step(step)
         for variant in args.variants.split(","):
             flops = flops_of["eager-split-d" if variant in ("plain", "fast-split-d") else "eager"]
-            step, G, D = build(variant, method, args.arch, args.batch, images, device, tf32=tf32_on)
-            for _ in range(args.warmup):
-                step()
-
-            def block():
-                for _ in range(args.iters):
+            with settings(variant):
+                step, G, D = build(variant, method, args.arch, args.batch, images, device, tf32=tf32_on)
+                for _ in range(args.warmup):
                     step()
 
-            sec = common.timeit(block, warmup=0, repeat=args.repeat, device=device) / args.iters
+                def block():
+                    for _ in range(args.iters):
+                        step()
+
+                sec = common.timeit(block, warmup=0, repeat=args.repeat, device=device) / args.iters
             base.setdefault(method, {})[variant] = sec
             rows.append({"method": method, "variant": variant, "ms/iter": f"{sec * 1e3:.2f}",
                          "speed-up vs plain": f"{base[method].get('plain', float('nan')) / sec:.1f}x",

@@ -21,7 +21,7 @@ case "$part" in
           -k "cuda"
     ;;
   step)
-    "$py" benchmarks/bench_step.py --device cuda --methods simga,altga,conopt --variants plain,fast,fast-split-d \
+    "$py" benchmarks/bench_step.py --device cuda --methods simga,altga,conopt --variants plain,fast,fast-split-d,fast-noalign \
           --check-iters 10 --record
     "$py" benchmarks/profile_step.py --method conopt --variant fast --rows 30 --summary
     "$py" benchmarks/profile_step.py --method conopt --variant gemm --rows 5 --by-shape

@@ -157,6 +157,16 @@ def conv_transpose2d_adjoint(x: Tensor, weight: Tensor, bias, stride: int, paddi
 
 COLS_LAYOUT = "pqc"
 _LAYOUTS = ("pqc", "cpq")
+# The column matrices are ALIGN-wide multiples: k k C = 75 for a 3-channel image makes rows of 300 bytes, and
+# cuBLAS's fast TF32 kernels need 16-byte-aligned rows (leading dimensions); with a misaligned operand it falls
+# back to slower ones. The padding columns are zero (im2col writes them, col2im ignores them, a GEMM weight
+# matrix gets as many zero columns), so every product is the same. 0 or 1: no padding.
+ALIGN = 4
+
+
+def _width(n: int) -> int:
+    """The stored width of a column matrix with n columns (see ALIGN)."""
+    return -(-n // ALIGN) * ALIGN if ALIGN > 1 else n
 
 
 class _Geom(NamedTuple):
@@ -199,6 +209,7 @@ def _im2col_torch(x: Tensor, g: _Geom, m=None, slope=None) -> Tensor:
     the leaky ReLU's derivative at m when m is given: the patches of leaky_relu(x) when m is x)."""
     x = _mask(x, m, slope)
     b, c = x.shape[:2]
+    n = g.k * g.k * c
     hf, wf = (g.ho - 1) * g.s + g.k, (g.wo - 1) * g.s + g.k            # the padded extent the patches cover
     pads = (g.left, wf - g.left - g.w, g.top, hf - g.top - g.h)          # negative = crop unused rows
     if any(pads):
@@ -210,13 +221,15 @@ def _im2col_torch(x: Tensor, g: _Geom, m=None, slope=None) -> Tensor:
     else:
         cols = x.new_empty(b, g.ho, g.wo, c, g.k, g.k)
         cols.copy_(patches.permute(0, 2, 3, 1, 4, 5))
-    return cols.view(b * g.ho * g.wo, g.k * g.k * c)
+    cols = cols.view(b * g.ho * g.wo, n)
+    return cols if _width(n) == n else F.pad(cols, (0, _width(n) - n))
 
 
 def _col2im_torch(cols: Tensor, bias, g: _Geom, m=None, slope=None, act: bool = False) -> Tensor:
     """col2im as ``unfold_backward`` per spatial axis, then crop (or zero-pad) to the image, plus bias; then
     masked by the leaky ReLU's derivative at m (m given), or the leaky ReLU applied (``act``)."""
     b, c = cols.shape[0] // (g.ho * g.wo), cols.shape[1] // (g.k * g.k)
+    cols = cols[:, :g.k * g.k * c]                                       # without ALIGN's zero columns
     hf, wf = (g.ho - 1) * g.s + g.k, (g.wo - 1) * g.s + g.k
     if g.layout == "pqc":
         v = cols.reshape(b, g.ho, g.wo, g.k, g.k, c).permute(0, 5, 1, 2, 3, 4)   # [B, C, Ho, Wo, k, k]
@@ -279,12 +292,13 @@ if triton is not None:
         tl.store(out + o_off, acc.to(out.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
 
     @triton.jit
-    def _im2col_kernel(x, cols, mask_src, slope, n_rows, n_cols, C, H, W, Ho, Wo, top, left,
+    def _im2col_kernel(x, cols, mask_src, slope, n_rows, n_cols, n_valid, C, H, W, Ho, Wo, top, left,
                        x_b, x_c, x_h, x_w, m_b, m_c, m_h, m_w,
                        K: tl.constexpr, S: tl.constexpr, CPQ: tl.constexpr, MASK: tl.constexpr,
                        MASK_SELF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):
         # A [BLOCK_R rows (b, i, j)] x [BLOCK_J columns] tile of the contiguous column matrix; the source
-        # address and the bounds split into a row part and a column part. Zeros outside the image.
+        # address and the bounds split into a row part and a column part. Zeros outside the image and in the
+        # columns from n_valid to n_cols (ALIGN's padding).
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         jj = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
         rmask = r < n_rows
@@ -307,7 +321,7 @@ if triton is not None:
             q = pq - p * K
         h = h0[:, None] + p[None, :]
         w = w0[:, None] + q[None, :]
-        ok = (rmask[:, None] & jmask[None, :]) & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        ok = (rmask[:, None] & (jj < n_valid)[None, :]) & (h >= 0) & (h < H) & (w >= 0) & (w < W)
         src = (b * x_b + h0 * x_h + w0 * x_w)[:, None] + (c * x_c + p * x_h + q * x_w)[None, :]
         v = tl.load(x + src, mask=ok, other=0.0)
         if MASK:   # x times the leaky ReLU's derivative at mask_src (leaky_relu(x) when mask_src is x)
@@ -362,7 +376,8 @@ def _slope_tensor(slope: float, like: Tensor) -> Tensor:
 
 def _im2col_triton(x: Tensor, g: _Geom, m=None, slope=None) -> Tensor:
     b, c = x.shape[:2]
-    n_cols = g.k * g.k * c
+    n_valid = g.k * g.k * c
+    n_cols = _width(n_valid)
     cols = torch.empty(b * g.ho * g.wo, n_cols, device=x.device, dtype=x.dtype)
     if cols.numel() == 0:
         return cols
@@ -373,7 +388,7 @@ def _im2col_triton(x: Tensor, g: _Geom, m=None, slope=None) -> Tensor:
     grid = (triton.cdiv(cols.shape[0], br), triton.cdiv(n_cols, bj))
     with device_guard(x):
         _im2col_kernel[grid](x, cols, x if m is None else m, x if m is None else _slope_tensor(slope, x),
-                             cols.shape[0], n_cols, c, g.h, g.w, g.ho, g.wo, g.top, g.left, *x.stride(),
+                             cols.shape[0], n_cols, n_valid, c, g.h, g.w, g.ho, g.wo, g.top, g.left, *x.stride(),
                              *(x if m is None else m).stride(), K=g.k, S=g.s, CPQ=g.layout == "cpq",
                              MASK=m is not None, MASK_SELF=m is x, BLOCK_R=br, BLOCK_J=bj)
     return cols
@@ -405,7 +420,7 @@ def _col2im_triton(cols: Tensor, bias, g: _Geom, m=None, slope=None, act: bool =
 
 
 def _im2col(x: Tensor, g: _Geom, m=None, slope=None) -> Tensor:
-    n_out = x.shape[0] * g.ho * g.wo * g.k * g.k * x.shape[1]
+    n_out = x.shape[0] * g.ho * g.wo * _width(g.k * g.k * x.shape[1])
     ok = _use_triton(x, n_out) and (m is None or (m.dtype == x.dtype and _max_offset(m) <= _INT32_MAX))
     return _im2col_triton(x, g, m, slope) if ok else _im2col_torch(x, g, m, slope)
 
@@ -418,7 +433,8 @@ def _col2im(cols: Tensor, bias, g: _Geom, m=None, slope=None, act: bool = False)
 
 
 class Im2Col(torch.autograd.Function):
-    """cols = im2col(s(m) x): [B, C, H, W] -> [B Ho Wo, k k C], zero padding included, where s(m) is the leaky
+    """cols = im2col(s(m) x): [B, C, H, W] -> [B Ho Wo, k k C] (stored ALIGN-wide: zero columns appended, which
+    :class:`Col2Im` ignores), zero padding included, where s(m) is the leaky
     ReLU's derivative at ``m`` (1 where m > 0, else ``slope``; no mask when m is None). Linear in x for a fixed
     m, and m only picks the factors (its derivative is zero), so with m = x it is the im2col of leaky_relu(x)
     and its derivative. The vector-Jacobian product is :class:`Col2Im` with the same mask (and Col2Im's is
@@ -447,7 +463,7 @@ class Col2Im(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cols, bias, geom, m=None, slope=None, act=False):
-        ctx.geom, ctx.slope = geom, slope
+        ctx.geom, ctx.slope, ctx.width = geom, slope, cols.shape[1]
         y = _col2im(cols, bias, geom, m, slope, act)
         mask_src = y if act else m
         if mask_src is not None:
@@ -458,6 +474,8 @@ class Col2Im(torch.autograd.Function):
     def backward(ctx, gy):
         m = ctx.saved_tensors[0] if ctx.saved_tensors else None
         gc = Im2Col.apply(gy, ctx.geom, m, ctx.slope) if ctx.needs_input_grad[0] else None
+        if gc is not None and gc.shape[1] != ctx.width:   # columns given without ALIGN's zero columns
+            gc = gc[:, :ctx.width]
         gb = None
         if ctx.needs_input_grad[1]:
             gb = (gy if m is None else leaky_relu_grad(gy, m, ctx.slope)).sum((0, 2, 3))
@@ -476,7 +494,8 @@ def im2col(x: Tensor, kernel_size: int, stride: int, padding=(0, 0, 0, 0), layou
     if x.dim() != 4:
         raise ValueError(f"im2col expects an image batch [B, C, H, W], got shape {list(x.shape)}")
     g = _geometry(x.shape[-2:], kernel_size, stride, padding, layout)
-    return Im2Col.apply(x, g, None if slope is None else x, None if slope is None else float(slope))
+    cols = Im2Col.apply(x, g, None if slope is None else x, None if slope is None else float(slope))
+    return cols[:, :g.k * g.k * x.shape[1]]     # without ALIGN's zero columns
 
 
 def col2im(cols: Tensor, size, kernel_size: int, stride: int, padding=(0, 0, 0, 0), bias=None,
@@ -509,10 +528,12 @@ def _col2im_act(cols: Tensor, bias, g: _Geom, slope) -> Tensor:
 
 def _weight_matrix(weight: Tensor, layout: str) -> Tensor:
     """[A, B, k, k] -> [A, k k B] in the column layout (a view for "cpq", and for "pqc" when the weight is
-    channels-last, as numgan.models.set_conv_impl stores it; a copy otherwise)."""
-    if layout == "pqc":
-        return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
-    return weight.reshape(weight.shape[0], -1)
+    channels-last, as numgan.models.set_conv_impl stores it; a copy otherwise), then zero columns up to the
+    stored width of the column matrices (ALIGN; a small copy where k k B is not a multiple)."""
+    wm = weight.permute(0, 2, 3, 1) if layout == "pqc" else weight
+    wm = wm.reshape(weight.shape[0], -1)
+    n = wm.shape[1]
+    return wm if _width(n) == n else F.pad(wm, (0, _width(n) - n))
 
 
 def conv2d_gemm(x: Tensor, weight: Tensor, bias, stride: int, padding=(0, 0, 0, 0), in_slope=None) -> Tensor:

@@ -66,6 +66,8 @@ def _check_adjoint():
         c_rand = _rand(*cols_m.shape, gen=gen)
         y_m = conv.Col2Im.apply(c_rand, None, g, m, 0.2)
         torch.testing.assert_close((y_m * x).sum(), (c_rand * cols_m).sum(), rtol=1e-12, atol=1e-12)
+        assert cols_m.shape[1] == conv._width(k * k * c) and not cols_m[:, k * k * c:].any()   # ALIGN's zeros
+        c_rand = c_rand[:, :k * k * c]
         assert (y_m != conv.col2im(c_rand, (h, w), k, s, pad)).any()
         torch.testing.assert_close(conv.im2col(x, k, s, pad, slope=0.2), conv.im2col(F.leaky_relu(x, 0.2), k, s, pad),
                                    rtol=0, atol=0)
