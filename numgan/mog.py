@@ -264,7 +264,16 @@ def train(method: str = "conopt", n_seeds: int = 1, n_iters: int = 20_000, seed:
     if engine.startswith("triton") and device.type != "cuda":
         raise ValueError(f"engine={engine!r} runs on CUDA, got device={device}; use engine='fused' (or 'auto')")
     G, D = make_models(n_seeds, seed, device)
-    opt = make_game_optimizer(method, G.parameters(), D.parameters(), lr=lr, gamma=gamma)
+    optimizers = []
+
+    def game_optimizer():
+        # made when first needed: every step with the autograd engine; with a fused one only to resume or
+        # write a checkpoint (its state is the checkpoint format). Constructing a torch optimizer imports
+        # torch._dynamo the first time in a process, ~2 s on the 2-core CPU.
+        if not optimizers:
+            optimizers.append(make_game_optimizer(method, G.parameters(), D.parameters(), lr=lr, gamma=gamma))
+        return optimizers[0]
+
     gen = torch.Generator(device=device).manual_seed(10_000 + seed)
     eval_gen = torch.Generator(device=device).manual_seed(20_000 + seed)
     z_eval = torch.randn(n_eval_batches * batch_size, Z_DIM, generator=eval_gen, device=device)
@@ -275,7 +284,7 @@ def train(method: str = "conopt", n_seeds: int = 1, n_iters: int = 20_000, seed:
     ckpt = Path(run_dir) / "checkpoint.pt" if run_dir is not None else None
     if ckpt is not None and ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=False)
-        G.load_state_dict(state["G"]), D.load_state_dict(state["D"]), opt.load_state_dict(state["opt"])
+        G.load_state_dict(state["G"]), D.load_state_dict(state["D"]), game_optimizer().load_state_dict(state["opt"])
         gen.set_state(state["rng"].cpu() if device.type == "cpu" else state["rng"])
         if "eval_rng" in state:  # the loss-logging batches come from eval_gen: resume its stream too
             eval_gen.set_state(state["eval_rng"].cpu() if device.type == "cpu" else state["eval_rng"])
@@ -289,7 +298,8 @@ def train(method: str = "conopt", n_seeds: int = 1, n_iters: int = 20_000, seed:
             from .mog_triton import TF32_OPTIONS as options
         fused = mog_fused.FusedMoG(mog_fused.pack(G, D), method, gamma=gamma, lr=lr,
                                    backend="torch" if engine == "fused" else "triton", triton_options=options)
-        mog_fused.load_rmsprop_state(fused, opt, G, D)
+        if optimizers:   # resumed; a fresh optimiser has no state and the engine starts from the same
+            mog_fused.load_rmsprop_state(fused, optimizers[0], G, D)
 
         def fused_step():
             # the draws of the autograd closure, in its order: sample_real, then z
@@ -297,9 +307,8 @@ def train(method: str = "conopt", n_seeds: int = 1, n_iters: int = 20_000, seed:
             z = torch.randn(n_seeds, batch_size, Z_DIM, generator=gen, device=device)
             fused.step(x_real, z, losses=False)
 
-        def sync_modules(it):  # G, D (and opt's RMSProp state) <- the fused engine's flat buffers
+        def sync_modules():  # G, D <- the fused engine's flat parameters
             mog_fused.unpack_into(fused.params, G, D)
-            mog_fused.store_rmsprop_state(fused, opt, G, D, it)
 
     def closure(need_d=True, need_g=True):
         x_real = sample_real(n_seeds, batch_size, generator=gen, device=device)
@@ -316,9 +325,11 @@ def train(method: str = "conopt", n_seeds: int = 1, n_iters: int = 20_000, seed:
                               .detach().cpu().numpy())
 
     def save_checkpoint(it):
-        state = {"G": G.state_dict(), "D": D.state_dict(), "opt": opt.state_dict(), "rng": gen.get_state(),
-                 "eval_rng": eval_gen.get_state(), "hist": hist, "diverged": diverged, "iter": it,
-                 "seconds": seconds}
+        if fused is not None:   # G, D are in sync (the loop syncs before every checkpoint); the RMSProp state
+            mog_fused.store_rmsprop_state(fused, game_optimizer(), G, D, it)
+        state = {"G": G.state_dict(), "D": D.state_dict(), "opt": game_optimizer().state_dict(),
+                 "rng": gen.get_state(), "eval_rng": eval_gen.get_state(), "hist": hist, "diverged": diverged,
+                 "iter": it, "seconds": seconds}
         runs.atomic_torch_save(state, ckpt)
 
     bar = None
@@ -327,11 +338,11 @@ def train(method: str = "conopt", n_seeds: int = 1, n_iters: int = 20_000, seed:
         bar = tqdm(total=n_iters, initial=start, desc=f"MoG {method} x{n_seeds}", mininterval=1.0)
     for it in range(start, n_iters):
         t0 = time.perf_counter()
-        out = opt.step(closure) if fused is None else fused_step()
+        out = game_optimizer().step(closure) if fused is None else fused_step()
         seconds += time.perf_counter() - t0
         if fused is not None and (it % log_every == 0 or it % snapshot_every == 0 or (
                 ckpt is not None and (it + 1) % checkpoint_every == 0)):
-            sync_modules(it + 1)
+            sync_modules()
         if it % log_every == 0:
             # losses of this iteration's minibatch, per seed (the sums divided back are per-seed means)
             with torch.no_grad():
@@ -359,7 +370,7 @@ def train(method: str = "conopt", n_seeds: int = 1, n_iters: int = 20_000, seed:
     if bar is not None:
         bar.close()
     if fused is not None:
-        sync_modules(n_iters)
+        sync_modules()
     if not hist["iters"] or hist["iters"][-1] != n_iters:
         snapshot(n_iters)
     samples = np.stack(hist["samples"])
