@@ -25,6 +25,7 @@ case "$part" in
           --check-iters 10 --record
     "$py" benchmarks/profile_step.py --method conopt --variant fast --rows 30 --summary
     "$py" benchmarks/profile_step.py --method conopt --variant gemm --rows 5 --by-shape
+    "$py" benchmarks/bench_gemm.py --device cuda --method conopt --record
     ;;
   mog)
     "$py" benchmarks/bench_mog.py --device cuda --seeds 256 --methods conopt --engines fused --graph-k 10 \
