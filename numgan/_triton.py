@@ -23,3 +23,24 @@ def device_guard(t):
     if t.is_cuda and t.device.index != torch.cuda.current_device():
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
+
+
+def compile_offline(fn, types: dict, constexprs: dict, arch: int = 90, num_warps: int = 4):
+    """Compile the Triton kernel ``fn`` for an NVIDIA GPU of compute capability ``arch`` (90: H100) without
+    one: Triton bundles ptxas, so this runs on any machine with a Linux Triton install (tests and
+    benchmarks/sass_mog_triton.py use it to check and inspect kernels where no GPU is at hand).
+
+    ``types`` maps each runtime argument to a Triton type string ("*fp32", "i32", "fp32", ...),
+    ``constexprs`` each constexpr argument to its value. Returns Triton's compiled kernel, whose ``asm``
+    holds "ptx" and "cubin". Raises whatever Triton raises when the kernel does not compile.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    missing = set(fn.arg_names) - set(types) - set(constexprs)
+    if missing:
+        raise ValueError(f"no type or value for the arguments {sorted(missing)} of {fn.__name__}")
+    signature = {name: types[name] if name in types else "constexpr" for name in fn.arg_names}
+    src = ASTSource(fn=fn, signature=signature,
+                    constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))

@@ -17,9 +17,13 @@ registers and the parameter sums accumulate on-chip:
   rows, D's block; hands two 2-vectors per row to the next kernel) and ``_hvp_g_kernel`` (G's block).
   With one program per seed the last two write u + gamma J_u^T u directly.
 
-Per-row notation (rows are samples; every layer width padded to 16 with zeros, which leaves the
-function unchanged): G's layer l maps a_l -> h_l = a_l W_l + b_l, a_{l+1} = relu(h_l), a_0 = z and
-x_fake = h_4; D's layer l maps e_l -> e_l V_l + c_l, e_0 = x, logit d = column 0 of the last layer.
+Per-row notation (rows are samples): G's layer l maps a_l -> h_l = a_l W_l + b_l, a_{l+1} = relu(h_l),
+a_0 = z and x_fake = h_4; D's layer l maps e_l -> e_l V_l + c_l, e_0 = x, logit d = e_4 V_4 + c_4.
+The 16-wide layers are [T, 16] x [16, 16] products (``tl.dot``). The narrow ones are not padded to that
+shape: a point x (2 columns), a logit (1 column) and their deltas and tangents are [T] vectors, and
+their products are outer products and row sums (``_outer``, ``_rowdot``). As 16 x 16 products they were
+29% of every kernel's products and mostly zeros; without them a kernel compiles to 20-30% fewer
+multiply-adds and shared-memory loads and spills 30-70% fewer bytes (benchmarks/sass_mog_triton.py).
 Primal deltas (dL/d(layer output)): on real rows delta (L_D); on fake rows beta is the backprop of a
 unit logit delta, so the L_D delta is beta sigma/B and the L_G delta beta (sigma - 1)/B (the two losses
 differ only in their derivative at the logit); gamma_l are G's deltas of L_G. The fake rows carry two
@@ -35,7 +39,8 @@ Precision. Matrix products use ``tl.dot`` with ``input_precision`` (``PRECISIONS
 float32 FMA arithmetic, the function the torch engines compute (torch's float32 matmuls on CUDA do not use
 TF32 unless asked): on an H100 its ConOpt direction is as close to float64 as numgan.mog_fused's (relative
 error 4.2e-5 on a 256-seed batch), and a graphed ConOpt step of 256 seeds takes 1.28-1.32 ms (194k-200k
-seed-steps/s on two H100 machines; numgan.mog_fused: 2.7-2.8 ms). "tf32" (tensor cores, 10-bit mantissa operands) is a precision
+seed-steps/s on two H100 machines, timed before the narrow layers became row operations, not yet after;
+numgan.mog_fused: 2.7-2.8 ms). "tf32" (tensor cores, 10-bit mantissa operands) is a precision
 change, opt-in: 0.85 ms (~300k seed-steps/s) at a relative error of 1e-2 per direction, which left 20k-step
 training outcomes unchanged in a 64-seed comparison. "tf32x3" (float32 accuracy from three TF32 products)
 spilled registers and ran at ~60k. Numbers: benchmarks/results/bench_mog-cuda.md. Under Triton's
@@ -68,7 +73,11 @@ def interpreted() -> bool:
 
 if triton is not None:
     # ------------------------------------------------------------------------------------------------
-    # helpers (every block is [rows, 16] or [16, 16]; padded entries are zero)
+    # helpers. Hidden layers are [16, 16] blocks and a tile's activations [T, 16] blocks (product with
+    # tl.dot). The three narrow layers are never padded to 16 x 16 products: D's input layer (2 -> 16)
+    # and G's output layer (16 -> 2) work on two [T] columns (the 2-D points), D's logit layer (16 -> 1)
+    # on one; their products are outer products and row sums (_outer, _rowdot), and their parameter
+    # sums accumulate as [T, 16] / [T] partials, summed over the rows once per program (_putG, _putD).
     # ------------------------------------------------------------------------------------------------
     @triton.jit
     def _ld(p, OFF: tl.constexpr, IN: tl.constexpr, OUT: tl.constexpr):
@@ -81,31 +90,49 @@ if triton is not None:
         return w, b
 
     @triton.jit
+    def _ld_in2(p, OFF: tl.constexpr):
+        """Layer 2 -> 16 at OFF (D's first): its two weight rows and its bias, each [16]."""
+        c = tl.arange(0, 16)
+        return tl.load(p + OFF + c), tl.load(p + OFF + 16 + c), tl.load(p + OFF + 32 + c)
+
+    @triton.jit
+    def _ld_out2(p, OFF: tl.constexpr):
+        """Layer 16 -> 2 at OFF (G's last): its two weight columns [16] and its two biases (scalars)."""
+        r = tl.arange(0, 16)
+        return tl.load(p + OFF + 2 * r), tl.load(p + OFF + 2 * r + 1), tl.load(p + OFF + 32), tl.load(p + OFF + 33)
+
+    @triton.jit
+    def _ld_out1(p, OFF: tl.constexpr):
+        """Layer 16 -> 1 at OFF (D's last): its weight column [16] and its bias (scalar)."""
+        r = tl.arange(0, 16)
+        return tl.load(p + OFF + r), tl.load(p + OFF + 16)
+
+    @triton.jit
     def _ldG(p):
-        """G's five layer blocks (weights, biases) of the flat vector at p."""
+        """G's layers at p: four hidden blocks (weight, bias), then the output layer's columns and biases."""
         W0, b0 = _ld(p, 0, 16, 16)
         W1, b1 = _ld(p, 272, 16, 16)
         W2, b2 = _ld(p, 544, 16, 16)
         W3, b3 = _ld(p, 816, 16, 16)
-        W4, b4 = _ld(p, 1088, 16, 2)
-        return W0, b0, W1, b1, W2, b2, W3, b3, W4, b4
+        w4a, w4b, b4a, b4b = _ld_out2(p, 1088)
+        return W0, b0, W1, b1, W2, b2, W3, b3, w4a, w4b, b4a, b4b
 
     @triton.jit
     def _ldD(p):
-        """D's five layer blocks (weights, biases) of the flat vector at p."""
-        V0, c0 = _ld(p, 1122, 2, 16)
+        """D's layers at p: the input layer's rows and bias, three hidden blocks, the logit column and bias."""
+        v0a, v0b, c0 = _ld_in2(p, 1122)
         V1, c1 = _ld(p, 1170, 16, 16)
         V2, c2 = _ld(p, 1442, 16, 16)
         V3, c3 = _ld(p, 1714, 16, 16)
-        V4, c4 = _ld(p, 1986, 16, 1)
-        return V0, c0, V1, c1, V2, c2, V3, c3, V4, c4
+        v4, c4 = _ld_out1(p, 1986)
+        return v0a, v0b, c0, V1, c1, V2, c2, V3, c3, v4, c4
 
     @triton.jit
-    def _zeros_net(P):
-        """Five zero weight blocks and bias vectors, interleaved as _ldG / _ldD return them (accumulators)."""
+    def _zeros4(P):
+        """Four zero [16, 16] blocks and [16] vectors, interleaved (accumulators of four layers)."""
         w = tl.zeros([16, 16], P.dtype.element_ty)
         b = tl.zeros([16], P.dtype.element_ty)
-        return w, b, w, b, w, b, w, b, w, b
+        return w, b, w, b, w, b, w, b
 
     @triton.jit
     def _rmsprop(x, ms, offs, m, g, lr, decay, omd, eps):
@@ -148,24 +175,35 @@ if triton is not None:
             tl.store(o + OFF + IN * OUT + c, b, mask=mb)
 
     @triton.jit
-    def _putG(o, q, W0, b0, W1, b1, W2, b2, W3, b3, W4, b4, gam, ADD: tl.constexpr, FINAL: tl.constexpr,
-              x, ms, lr, decay, omd, eps, OPT: tl.constexpr):
-        """G's five layer blocks through :func:`_put` (the layout _ldG reads)."""
+    def _putG(o, q, W0, b0, W1, b1, W2, b2, W3, b3, w4a, w4b, b4a, b4b, gam, ADD: tl.constexpr,
+              FINAL: tl.constexpr, x, ms, lr, decay, omd, eps, OPT: tl.constexpr):
+        """G's five layer blocks through :func:`_put`; the output layer as its two weight columns [16] and
+        biases (scalars)."""
         _put(o, q, 0, 16, 16, W0, b0, gam, ADD, FINAL, x, ms, lr, decay, omd, eps, OPT)
         _put(o, q, 272, 16, 16, W1, b1, gam, ADD, FINAL, x, ms, lr, decay, omd, eps, OPT)
         _put(o, q, 544, 16, 16, W2, b2, gam, ADD, FINAL, x, ms, lr, decay, omd, eps, OPT)
         _put(o, q, 816, 16, 16, W3, b3, gam, ADD, FINAL, x, ms, lr, decay, omd, eps, OPT)
+        j = tl.arange(0, 16)[None, :]
+        c = tl.arange(0, 16)
+        W4 = tl.where(j == 0, w4a[:, None], tl.where(j == 1, w4b[:, None], 0.0))
+        b4 = tl.where(c == 0, b4a, tl.where(c == 1, b4b, 0.0))
         _put(o, q, 1088, 16, 2, W4, b4, gam, ADD, FINAL, x, ms, lr, decay, omd, eps, OPT)
 
     @triton.jit
-    def _putD(o, q, V0, c0, V1, c1, V2, c2, V3, c3, V4, c4, gam, ADD: tl.constexpr, FINAL: tl.constexpr,
+    def _putD(o, q, v0a, v0b, c0, V1, c1, V2, c2, V3, c3, v4, c4, gam, ADD: tl.constexpr, FINAL: tl.constexpr,
               x, ms, lr, decay, omd, eps, OPT: tl.constexpr):
-        """D's five layer blocks through :func:`_put` (the layout _ldD reads)."""
+        """D's five layer blocks through :func:`_put`; the input layer as its two weight rows [16] and bias,
+        the logit layer as its weight column [16] and bias (scalar)."""
+        i = tl.arange(0, 16)[:, None]
+        j = tl.arange(0, 16)[None, :]
+        c = tl.arange(0, 16)
+        V0 = tl.where(i == 0, v0a[None, :], tl.where(i == 1, v0b[None, :], 0.0))
         _put(o, q, 1122, 2, 16, V0, c0, gam, ADD, FINAL, x, ms, lr, decay, omd, eps, OPT)
         _put(o, q, 1170, 16, 16, V1, c1, gam, ADD, FINAL, x, ms, lr, decay, omd, eps, OPT)
         _put(o, q, 1442, 16, 16, V2, c2, gam, ADD, FINAL, x, ms, lr, decay, omd, eps, OPT)
         _put(o, q, 1714, 16, 16, V3, c3, gam, ADD, FINAL, x, ms, lr, decay, omd, eps, OPT)
-        _put(o, q, 1986, 16, 1, V4, c4, gam, ADD, FINAL, x, ms, lr, decay, omd, eps, OPT)
+        V4 = tl.where(j == 0, v4[:, None], 0.0)
+        _put(o, q, 1986, 16, 1, V4, tl.where(c == 0, c4, 0.0), gam, ADD, FINAL, x, ms, lr, decay, omd, eps, OPT)
 
     @triton.jit
     def _mm(a, b, PREC: tl.constexpr):
@@ -186,6 +224,16 @@ if triton is not None:
         return _mm(a, w, PREC) + b[None, :]
 
     @triton.jit
+    def _rowdot(a, w):
+        """a w for a [T, 16] block and a [16] vector: [T] (a product with one output column)."""
+        return tl.sum(a * w[None, :], axis=1)
+
+    @triton.jit
+    def _outer(v, w):
+        """v w^T for v [T] and w [16]: [T, 16] (a product with one input column)."""
+        return v[:, None] * w[None, :]
+
+    @triton.jit
     def _relu(h):
         return tl.maximum(h, 0.0)
 
@@ -200,7 +248,7 @@ if triton is not None:
 
     @triton.jit
     def _hidden(x, W0, b0, W1, b1, W2, b2, W3, b3, PREC: tl.constexpr):
-        """The four hidden ReLU layers of a MoG MLP on rows x: their outputs (the inputs of layers 1-4)."""
+        """G's four hidden ReLU layers on rows x [T, 16]: their outputs (the inputs of layers 1-4)."""
         h1 = _relu(_lin(x, W0, b0, PREC))
         h2 = _relu(_lin(h1, W1, b1, PREC))
         h3 = _relu(_lin(h2, W2, b2, PREC))
@@ -208,9 +256,23 @@ if triton is not None:
         return h1, h2, h3, h4
 
     @triton.jit
+    def _hiddenD(x0, x1, v0a, v0b, c0, V1, c1, V2, c2, V3, c3, PREC: tl.constexpr):
+        """D's four hidden ReLU layers on the points (x0, x1) [T]: their outputs (the inputs of layers 1-4)."""
+        h1 = _relu(_outer(x0, v0a) + _outer(x1, v0b) + c0[None, :])
+        h2 = _relu(_lin(h1, V1, c1, PREC))
+        h3 = _relu(_lin(h2, V2, c2, PREC))
+        h4 = _relu(_lin(h3, V3, c3, PREC))
+        return h1, h2, h3, h4
+
+    @triton.jit
     def _load_rows(ptr, s, B, rows, rmask, WIDTH: tl.constexpr):
         cols = tl.arange(0, 16)[None, :]
         return tl.load(ptr + (s * B + rows)[:, None] * WIDTH + cols, mask=rmask[:, None] & (cols < WIDTH), other=0.0)
+
+    @triton.jit
+    def _load_col(ptr, s, B, rows, rmask, COL: tl.constexpr):
+        """Column COL of rows of a [S, B, 2] tensor: [T] (0 on rows outside rmask)."""
+        return tl.load(ptr + (s * B + rows) * 2 + COL, mask=rmask, other=0.0)
 
     # ------------------------------------------------------------------------------------------------
     # pass 1: u and the losses
@@ -221,32 +283,41 @@ if triton is not None:
         s = tl.program_id(0)
         k = tl.program_id(1)
         p = P + s * 2003
+        ty = P.dtype.element_ty
         if not RELOAD:
-            W0, b0, W1, b1, W2, b2, W3, b3, W4, b4 = _ldG(p)
-            V0, c0, V1, c1, V2, c2, V3, c3, V4, c4 = _ldD(p)
-        gW0, gb0, gW1, gb1, gW2, gb2, gW3, gb3, gW4, gb4 = _zeros_net(P)
-        gV0, gc0, gV1, gc1, gV2, gc2, gV3, gc3, gV4, gc4 = _zeros_net(P)
-        sum_ld = tl.zeros([T], P.dtype.element_ty)
-        sum_lg = tl.zeros([T], P.dtype.element_ty)
-        col0 = (tl.arange(0, 16) == 0)[None, :]
+            W0, b0, W1, b1, W2, b2, W3, b3, w4a, w4b, b4a, b4b = _ldG(p)
+            v0a, v0b, c0, V1, c1, V2, c2, V3, c3, v4, c4 = _ldD(p)
+        gW0, gb0, gW1, gb1, gW2, gb2, gW3, gb3 = _zeros4(P)
+        gV1, gc1, gV2, gc2, gV3, gc3, _w, gc0 = _zeros4(P)
+        gW4a = tl.zeros([T, 16], ty)   # row partials of the narrow layers' sums
+        gW4b = tl.zeros([T, 16], ty)
+        gb4a = tl.zeros([T], ty)
+        gb4b = tl.zeros([T], ty)
+        gV0a = tl.zeros([T, 16], ty)
+        gV0b = tl.zeros([T, 16], ty)
+        gV4 = tl.zeros([T, 16], ty)
+        gc4 = tl.zeros([T], ty)
+        sum_ld = tl.zeros([T], ty)
+        sum_lg = tl.zeros([T], ty)
         start = k * rows_per_prog
         stop = tl.minimum(start + rows_per_prog, B)
         for r0 in range(start, stop, T):
             if RELOAD:
-                W0, b0, W1, b1, W2, b2, W3, b3, W4, b4 = _ldG(p)
-                V0, c0, V1, c1, V2, c2, V3, c3, V4, c4 = _ldD(p)
+                W0, b0, W1, b1, W2, b2, W3, b3, w4a, w4b, b4a, b4b = _ldG(p)
+                v0a, v0b, c0, V1, c1, V2, c2, V3, c3, v4, c4 = _ldD(p)
             rows = r0 + tl.arange(0, T)
             rmask = rows < stop
             live = tl.where(rmask, inv_b, 0.0)  # 1/B on real rows of this tile, 0 on padding rows
             # ---- real rows: D forward, L_D backward ----
-            e0 = _load_rows(XR, s, B, rows, rmask, 2)
-            e1, e2, e3, e4 = _hidden(e0, V0, c0, V1, c1, V2, c2, V3, c3, PREC)
-            d = tl.sum(_lin(e4, V4, c4, PREC), axis=1)
+            x0 = _load_col(XR, s, B, rows, rmask, 0)
+            x1 = _load_col(XR, s, B, rows, rmask, 1)
+            e1, e2, e3, e4 = _hiddenD(x0, x1, v0a, v0b, c0, V1, c1, V2, c2, V3, c3, PREC)
+            d = _rowdot(e4, v4) + c4
             sum_ld += tl.where(rmask, _softplus(-d), 0.0)
-            dl = tl.where(col0, ((tl.sigmoid(d) - 1.0) * live)[:, None], 0.0)
-            gV4 += _mmT(e4, dl, PREC)
-            gc4 += tl.sum(dl, axis=0)
-            dl = _on(_mmBT(dl, V4, PREC), e4)
+            dd = (tl.sigmoid(d) - 1.0) * live   # L_D's delta at the logit [T]
+            gV4 += e4 * dd[:, None]
+            gc4 += dd
+            dl = _on(_outer(dd, v4), e4)
             gV3 += _mmT(e3, dl, PREC)
             gc3 += tl.sum(dl, axis=0)
             dl = _on(_mmBT(dl, V3, PREC), e3)
@@ -256,40 +327,47 @@ if triton is not None:
             gV1 += _mmT(e1, dl, PREC)
             gc1 += tl.sum(dl, axis=0)
             dl = _on(_mmBT(dl, V1, PREC), e1)
-            gV0 += _mmT(e0, dl, PREC)
+            gV0a += dl * x0[:, None]
+            gV0b += dl * x1[:, None]
             gc0 += tl.sum(dl, axis=0)
-            # ---- G forward ----
+            # ---- G forward: the fake points (fx, fy) ----
             a0 = _load_rows(Z, s, B, rows, rmask, 16)
             a1, a2, a3, a4 = _hidden(a0, W0, b0, W1, b1, W2, b2, W3, b3, PREC)
-            f0 = _lin(a4, W4, b4, PREC)
+            fx = _rowdot(a4, w4a) + b4a
+            fy = _rowdot(a4, w4b) + b4b
             # ---- fake rows: D forward; beta = backprop of a unit logit delta ----
-            f1, f2, f3, f4 = _hidden(f0, V0, c0, V1, c1, V2, c2, V3, c3, PREC)
-            d = tl.sum(_lin(f4, V4, c4, PREC), axis=1)
+            f1, f2, f3, f4 = _hiddenD(fx, fy, v0a, v0b, c0, V1, c1, V2, c2, V3, c3, PREC)
+            d = _rowdot(f4, v4) + c4
             sum_ld += tl.where(rmask, _softplus(d), 0.0)
             sum_lg += tl.where(rmask, _softplus(-d), 0.0)
             sig = tl.sigmoid(d)
-            s_d = (sig * live)[:, None]           # L_D delta = beta * s_d
-            s_g = ((sig - 1.0) * live)[:, None]   # L_G delta = beta * s_g
-            bt = tl.where(col0, 1.0, 0.0) + tl.zeros([T, 16], P.dtype.element_ty)
-            gV4 += _mmT(f4, bt * s_d, PREC)
-            gc4 += tl.sum(bt * s_d, axis=0)
-            bt = _on(_mmBT(bt, V4, PREC), f4)
-            gV3 += _mmT(f3, bt * s_d, PREC)
-            gc3 += tl.sum(bt * s_d, axis=0)
+            s_d = sig * live           # L_D delta = beta * s_d
+            s_g = (sig - 1.0) * live   # L_G delta = beta * s_g
+            sd = s_d[:, None]
+            gV4 += f4 * sd
+            gc4 += s_d
+            bt = _on(v4[None, :] + tl.zeros_like(f4), f4)
+            gV3 += _mmT(f3, bt * sd, PREC)
+            gc3 += tl.sum(bt * sd, axis=0)
             bt = _on(_mmBT(bt, V3, PREC), f3)
-            gV2 += _mmT(f2, bt * s_d, PREC)
-            gc2 += tl.sum(bt * s_d, axis=0)
+            gV2 += _mmT(f2, bt * sd, PREC)
+            gc2 += tl.sum(bt * sd, axis=0)
             bt = _on(_mmBT(bt, V2, PREC), f2)
-            gV1 += _mmT(f1, bt * s_d, PREC)
-            gc1 += tl.sum(bt * s_d, axis=0)
+            gV1 += _mmT(f1, bt * sd, PREC)
+            gc1 += tl.sum(bt * sd, axis=0)
             bt = _on(_mmBT(bt, V1, PREC), f1)
-            gV0 += _mmT(f0, bt * s_d, PREC)
-            gc0 += tl.sum(bt * s_d, axis=0)
-            # ---- G backward of L_G from dL_G/dx_fake ----
-            gl = _mmBT(bt * s_g, V0, PREC)
-            gW4 += _mmT(a4, gl, PREC)
-            gb4 += tl.sum(gl, axis=0)
-            gl = _on(_mmBT(gl, W4, PREC), a4)
+            gV0a += bt * (fx * s_d)[:, None]
+            gV0b += bt * (fy * s_d)[:, None]
+            gc0 += tl.sum(bt * sd, axis=0)
+            # ---- G backward of L_G from dL_G/dx_fake = (gx, gy) ----
+            bg = bt * s_g[:, None]
+            gx = _rowdot(bg, v0a)
+            gy = _rowdot(bg, v0b)
+            gW4a += a4 * gx[:, None]
+            gW4b += a4 * gy[:, None]
+            gb4a += gx
+            gb4b += gy
+            gl = _on(_outer(gx, w4a) + _outer(gy, w4b), a4)
             gW3 += _mmT(a3, gl, PREC)
             gb3 += tl.sum(gl, axis=0)
             gl = _on(_mmBT(gl, W3, PREC), a3)
@@ -302,8 +380,12 @@ if triton is not None:
             gW0 += _mmT(a0, gl, PREC)
             gb0 += tl.sum(gl, axis=0)
         o = OUT + (k * S + s) * 2003
-        _putG(o, o, gW0, gb0, gW1, gb1, gW2, gb2, gW3, gb3, gW4, gb4, 0.0, False, False, o, o, 0.0, 0.0, 0.0, 0.0, False)
-        _putD(o, o, gV0, gc0, gV1, gc1, gV2, gc2, gV3, gc3, gV4, gc4, 0.0, False, False, o, o, 0.0, 0.0, 0.0, 0.0, False)
+        _putG(o, o, gW0, gb0, gW1, gb1, gW2, gb2, gW3, gb3, tl.sum(gW4a, axis=0), tl.sum(gW4b, axis=0),
+              tl.sum(gb4a, axis=0), tl.sum(gb4b, axis=0), 0.0, False, False,
+              o, o, 0.0, 0.0, 0.0, 0.0, False)
+        _putD(o, o, tl.sum(gV0a, axis=0), tl.sum(gV0b, axis=0), gc0, gV1, gc1, gV2, gc2, gV3, gc3,
+              tl.sum(gV4, axis=0), tl.sum(gc4, axis=0), 0.0, False, False,
+              o, o, 0.0, 0.0, 0.0, 0.0, False)
         lo = LOSS + (k * S + s) * 2
         tl.store(lo, tl.sum(sum_ld, axis=0) * inv_b)
         tl.store(lo + 1, tl.sum(sum_lg, axis=0) * inv_b)
@@ -320,37 +402,41 @@ if triton is not None:
         k = tl.program_id(1)
         p = P + s * 2003
         q = U + s * 2003
+        ty = P.dtype.element_ty
         if not RELOAD:
-            V0, c0, V1, c1, V2, c2, V3, c3, V4, c4 = _ldD(p)
-            tV0, tc0, tV1, tc1, tV2, tc2, tV3, tc3, tV4, tc4 = _ldD(q)
-        hV0, hc0, hV1, hc1, hV2, hc2, hV3, hc3, hV4, hc4 = _zeros_net(P)
-        col0 = (tl.arange(0, 16) == 0)[None, :]
+            v0a, v0b, c0, V1, c1, V2, c2, V3, c3, v4, c4 = _ldD(p)
+            tv0a, tv0b, tc0, tV1, tc1, tV2, tc2, tV3, tc3, tv4, tc4 = _ldD(q)
+        hV1, hc1, hV2, hc2, hV3, hc3, _w, hc0 = _zeros4(P)
+        hV0a = tl.zeros([T, 16], ty)
+        hV0b = tl.zeros([T, 16], ty)
+        hV4 = tl.zeros([T, 16], ty)
+        hc4 = tl.zeros([T], ty)
         start = k * rows_per_prog
         stop = tl.minimum(start + rows_per_prog, B)
         for r0 in range(start, stop, T):
             if RELOAD:
-                V0, c0, V1, c1, V2, c2, V3, c3, V4, c4 = _ldD(p)
-                tV0, tc0, tV1, tc1, tV2, tc2, tV3, tc3, tV4, tc4 = _ldD(q)
+                v0a, v0b, c0, V1, c1, V2, c2, V3, c3, v4, c4 = _ldD(p)
+                tv0a, tv0b, tc0, tV1, tc1, tV2, tc2, tV3, tc3, tv4, tc4 = _ldD(q)
             rows = r0 + tl.arange(0, T)
             rmask = rows < stop
             live = tl.where(rmask, inv_b, 0.0)
-            e0 = _load_rows(XR, s, B, rows, rmask, 2)
-            e1, e2, e3, e4 = _hidden(e0, V0, c0, V1, c1, V2, c2, V3, c3, PREC)
-            d = tl.sum(_lin(e4, V4, c4, PREC), axis=1)
-            sig = tl.sigmoid(d)
+            x0 = _load_col(XR, s, B, rows, rmask, 0)
+            x1 = _load_col(XR, s, B, rows, rmask, 1)
+            e1, e2, e3, e4 = _hiddenD(x0, x1, v0a, v0b, c0, V1, c1, V2, c2, V3, c3, PREC)
+            sig = tl.sigmoid(_rowdot(e4, v4) + c4)
             # tangent forward (D-parameter tangent)
-            te1 = _on(_lin(e0, tV0, tc0, PREC), e1)
+            te1 = _on(_outer(x0, tv0a) + _outer(x1, tv0b) + tc0[None, :], e1)
             te2 = _on(_mm(te1, V1, PREC) + _lin(e1, tV1, tc1, PREC), e2)
             te3 = _on(_mm(te2, V2, PREC) + _lin(e2, tV2, tc2, PREC), e3)
             te4 = _on(_mm(te3, V3, PREC) + _lin(e3, tV3, tc3, PREC), e4)
-            td = tl.sum(_mm(te4, V4, PREC) + _lin(e4, tV4, tc4, PREC), axis=1)
-            dt = tl.where(col0, (td * sig * (1.0 - sig) * live)[:, None], 0.0)
+            td = _rowdot(te4, v4) + _rowdot(e4, tv4) + tc4
+            tdd = td * sig * (1.0 - sig) * live   # tangent of the logit delta [T]
+            dd = (sig - 1.0) * live               # the primal logit delta [T]
             # tangent backward, with the primal deltas dl computed alongside (fewer live tiles)
-            dl = tl.where(col0, ((sig - 1.0) * live)[:, None], 0.0)
-            hV4 += _mmT(e4, dt, PREC) + _mmT(te4, dl, PREC)
-            hc4 += tl.sum(dt, axis=0)
-            dt = _on(_mmBT(dt, V4, PREC) + _mmBT(dl, tV4, PREC), e4)
-            dl = _on(_mmBT(dl, V4, PREC), e4)
+            hV4 += e4 * tdd[:, None] + te4 * dd[:, None]
+            hc4 += tdd
+            dt = _on(_outer(tdd, v4) + _outer(dd, tv4), e4)
+            dl = _on(_outer(dd, v4), e4)
             hV3 += _mmT(e3, dt, PREC) + _mmT(te3, dl, PREC)
             hc3 += tl.sum(dt, axis=0)
             dt = _on(_mmBT(dt, V3, PREC) + _mmBT(dl, tV3, PREC), e3)
@@ -362,10 +448,13 @@ if triton is not None:
             hV1 += _mmT(e1, dt, PREC) + _mmT(te1, dl, PREC)
             hc1 += tl.sum(dt, axis=0)
             dt = _on(_mmBT(dt, V1, PREC) + _mmBT(dl, tV1, PREC), e1)
-            hV0 += _mmT(e0, dt, PREC)
+            hV0a += dt * x0[:, None]
+            hV0b += dt * x1[:, None]
             hc0 += tl.sum(dt, axis=0)
         o = OUT + (k * S + s) * 2003
-        _putD(o, o, hV0, hc0, hV1, hc1, hV2, hc2, hV3, hc3, hV4, hc4, 0.0, False, False, o, o, 0.0, 0.0, 0.0, 0.0, False)
+        _putD(o, o, tl.sum(hV0a, axis=0), tl.sum(hV0b, axis=0), hc0, hV1, hc1, hV2, hc2, hV3, hc3,
+              tl.sum(hV4, axis=0), tl.sum(hc4, axis=0), 0.0, False, False,
+              o, o, 0.0, 0.0, 0.0, 0.0, False)
 
     @triton.jit
     def _hvp_fake_kernel(P, U, Z, OUT, DXT, GL, S, B, rows_per_prog, inv_b, gam, X, MS, lr, decay, omd, eps,
@@ -377,16 +466,19 @@ if triton is not None:
         k = tl.program_id(1)
         p = P + s * 2003
         q = U + s * 2003
-        hV0, hc0, hV1, hc1, hV2, hc2, hV3, hc3, hV4, hc4 = _zeros_net(P)
-        col0 = (tl.arange(0, 16) == 0)[None, :]
-        cols = tl.arange(0, 16)[None, :]
+        ty = P.dtype.element_ty
+        hV1, hc1, hV2, hc2, hV3, hc3, _w, hc0 = _zeros4(P)
+        hV0a = tl.zeros([T, 16], ty)
+        hV0b = tl.zeros([T, 16], ty)
+        hV4 = tl.zeros([T, 16], ty)
+        hc4 = tl.zeros([T], ty)
         start = k * rows_per_prog
         stop = tl.minimum(start + rows_per_prog, B)
         for r0 in range(start, stop, T):
             rows = r0 + tl.arange(0, T)
             rmask = rows < stop
             live = tl.where(rmask, inv_b, 0.0)
-            # G forward, primal and tangent (t_theta): only x_fake and its tangent xt leave this block
+            # G forward, primal and tangent (t_theta): only x_fake = (fx, fy) and its tangent leave this block
             W0, b0 = _ld(p, 0, 16, 16)
             tW0, tb0 = _ld(q, 0, 16, 16)
             a0 = _load_rows(Z, s, B, rows, rmask, 16)
@@ -404,75 +496,76 @@ if triton is not None:
             tW3, tb3 = _ld(q, 816, 16, 16)
             a4 = _relu(_lin(a3, W3, b3, PREC))
             ta = _on(_mm(ta, W3, PREC) + _lin(a3, tW3, tb3, PREC), a4)
-            W4, b4 = _ld(p, 1088, 16, 2)
-            tW4, tb4 = _ld(q, 1088, 16, 2)
-            f0 = _lin(a4, W4, b4, PREC)
-            xt = _mm(ta, W4, PREC) + _lin(a4, tW4, tb4, PREC)
+            w4a, w4b, b4a, b4b = _ld_out2(p, 1088)
+            tw4a, tw4b, tb4a, tb4b = _ld_out2(q, 1088)
+            fx = _rowdot(a4, w4a) + b4a
+            fy = _rowdot(a4, w4b) + b4b
+            xtx = _rowdot(ta, w4a) + _rowdot(a4, tw4a) + tb4a
+            xty = _rowdot(ta, w4b) + _rowdot(a4, tw4b) + tb4b
             # D forward on the fake rows
-            V0, c0 = _ld(p, 1122, 2, 16)
-            V1, c1 = _ld(p, 1170, 16, 16)
-            V2, c2 = _ld(p, 1442, 16, 16)
-            V3, c3 = _ld(p, 1714, 16, 16)
-            V4, c4 = _ld(p, 1986, 16, 1)
-            f1, f2, f3, f4 = _hidden(f0, V0, c0, V1, c1, V2, c2, V3, c3, PREC)
-            d = tl.sum(_lin(f4, V4, c4, PREC), axis=1)
-            sig = tl.sigmoid(d)
-            s_d = (sig * live)[:, None]
-            s_g = ((sig - 1.0) * live)[:, None]
+            v0a, v0b, c0, V1, c1, V2, c2, V3, c3, v4, c4 = _ldD(p)
+            f1, f2, f3, f4 = _hiddenD(fx, fy, v0a, v0b, c0, V1, c1, V2, c2, V3, c3, PREC)
+            sig = tl.sigmoid(_rowdot(f4, v4) + c4)
+            s_d = sig * live
+            s_g = (sig - 1.0) * live
+            sd = s_d[:, None]
+            sg = s_g[:, None]
             # tangents of D's activations: the sum chain tc (phi + x chains, for the logit) and the
             # weighted chain tw = s_d * phi chain + s_g * x chain (for the cross terms with beta)
-            tV0, tc0 = _ld(q, 1122, 2, 16)
-            pv = _lin(f0, tV0, tc0, PREC)
-            xv = _mm(xt, V0, PREC)
+            tv0a, tv0b, tc0 = _ld_in2(q, 1122)
+            pv = _outer(fx, tv0a) + _outer(fy, tv0b) + tc0[None, :]
+            xv = _outer(xtx, v0a) + _outer(xty, v0b)
             tc = _on(pv + xv, f1)
-            tw1 = _on(pv * s_d + xv * s_g, f1)
+            tw1 = _on(pv * sd + xv * sg, f1)
             tV1, tc1 = _ld(q, 1170, 16, 16)
             pv = _lin(f1, tV1, tc1, PREC)
             tc = _on(_mm(tc, V1, PREC) + pv, f2)
-            tw2 = _on(_mm(tw1, V1, PREC) + pv * s_d, f2)
+            tw2 = _on(_mm(tw1, V1, PREC) + pv * sd, f2)
             tV2, tc2 = _ld(q, 1442, 16, 16)
             pv = _lin(f2, tV2, tc2, PREC)
             tc = _on(_mm(tc, V2, PREC) + pv, f3)
-            tw3 = _on(_mm(tw2, V2, PREC) + pv * s_d, f3)
+            tw3 = _on(_mm(tw2, V2, PREC) + pv * sd, f3)
             tV3, tc3 = _ld(q, 1714, 16, 16)
             pv = _lin(f3, tV3, tc3, PREC)
             tc = _on(_mm(tc, V3, PREC) + pv, f4)
-            tw4 = _on(_mm(tw3, V3, PREC) + pv * s_d, f4)
-            tV4, tc4 = _ld(q, 1986, 16, 1)
-            td = tl.sum(_mm(tc, V4, PREC) + _lin(f4, tV4, tc4, PREC), axis=1)
-            dt = tl.where(col0, (td * sig * (1.0 - sig) * live)[:, None], 0.0)
+            tw4 = _on(_mm(tw3, V3, PREC) + pv * sd, f4)
+            tv4, tc4 = _ld_out1(q, 1986)
+            td = _rowdot(tc, v4) + _rowdot(f4, tv4) + tc4
+            tdd = td * sig * (1.0 - sig) * live   # tangent of the logit delta [T]
             # tangent backward through D, with beta (the unit-logit backprop) layer by layer
-            bt = tl.where(col0, 1.0, 0.0) + tl.zeros_like(f4)
-            hV4 += _mmT(f4, dt, PREC) + _mmT(tw4, bt, PREC)
-            hc4 += tl.sum(dt, axis=0)
-            dt = _on(_mmBT(dt, V4, PREC) + _mmBT(bt * s_d, tV4, PREC), f4)
-            bt = _on(_mmBT(bt, V4, PREC), f4)
+            hV4 += f4 * tdd[:, None] + tw4
+            hc4 += tdd
+            dt = _on(_outer(tdd, v4) + _outer(s_d, tv4), f4)
+            bt = _on(v4[None, :] + tl.zeros_like(f4), f4)
             hV3 += _mmT(f3, dt, PREC) + _mmT(tw3, bt, PREC)
             hc3 += tl.sum(dt, axis=0)
-            dt = _on(_mmBT(dt, V3, PREC) + _mmBT(bt * s_d, tV3, PREC), f3)
+            dt = _on(_mmBT(dt, V3, PREC) + _mmBT(bt * sd, tV3, PREC), f3)
             bt = _on(_mmBT(bt, V3, PREC), f3)
             hV2 += _mmT(f2, dt, PREC) + _mmT(tw2, bt, PREC)
             hc2 += tl.sum(dt, axis=0)
-            dt = _on(_mmBT(dt, V2, PREC) + _mmBT(bt * s_d, tV2, PREC), f2)
+            dt = _on(_mmBT(dt, V2, PREC) + _mmBT(bt * sd, tV2, PREC), f2)
             bt = _on(_mmBT(bt, V2, PREC), f2)
             hV1 += _mmT(f1, dt, PREC) + _mmT(tw1, bt, PREC)
             hc1 += tl.sum(dt, axis=0)
-            dt = _on(_mmBT(dt, V1, PREC) + _mmBT(bt * s_d, tV1, PREC), f1)
+            dt = _on(_mmBT(dt, V1, PREC) + _mmBT(bt * sd, tV1, PREC), f1)
             bt = _on(_mmBT(bt, V1, PREC), f1)
-            hV0 += _mmT(f0, dt, PREC) + _mmT(xt * s_g, bt, PREC)
+            hV0a += dt * fx[:, None] + bt * (xtx * s_g)[:, None]
+            hV0b += dt * fy[:, None] + bt * (xty * s_g)[:, None]
             hc0 += tl.sum(dt, axis=0)
             # into G: the tangent of dL/dx (both losses, plus the phi chain's term through V0), and
-            # L_G's primal delta at G's output; both have 2 live columns
-            dxt = _mmBT(dt, V0, PREC) + _mmBT(bt * s_d, tV0, PREC)
-            gl = _mmBT(bt * s_g, V0, PREC)
-            off = (s * B + rows)[:, None] * 2 + cols
-            m2 = rmask[:, None] & (cols < 2)
-            tl.store(DXT + off, dxt, mask=m2)
-            tl.store(GL + off, gl, mask=m2)
+            # L_G's primal delta at G's output, two columns each
+            bs = bt * sd
+            bg = bt * sg
+            off = (s * B + rows) * 2
+            tl.store(DXT + off, _rowdot(dt, v0a) + _rowdot(bs, tv0a), mask=rmask)
+            tl.store(DXT + off + 1, _rowdot(dt, v0b) + _rowdot(bs, tv0b), mask=rmask)
+            tl.store(GL + off, _rowdot(bg, v0a), mask=rmask)
+            tl.store(GL + off + 1, _rowdot(bg, v0b), mask=rmask)
         o = OUT + (k * S + s) * 2003
         if OPT:   # every warp is done reading D's parameters before any of them is updated
             tl.debug_barrier()
-        _putD(o, q, hV0, hc0, hV1, hc1, hV2, hc2, hV3, hc3, hV4, hc4, gam, True, FINAL,
+        _putD(o, q, tl.sum(hV0a, axis=0), tl.sum(hV0b, axis=0), hc0, hV1, hc1, hV2, hc2, hV3, hc3,
+              tl.sum(hV4, axis=0), tl.sum(hc4, axis=0), gam, True, FINAL,
               X + s * 2003, MS + s * 2003, lr, decay, omd, eps, OPT)
 
     @triton.jit
@@ -485,16 +578,21 @@ if triton is not None:
         k = tl.program_id(1)
         p = P + s * 2003
         q = U + s * 2003
+        ty = P.dtype.element_ty
         if not RELOAD:
-            W0, b0, W1, b1, W2, b2, W3, b3, W4, b4 = _ldG(p)
-            tW0, tb0, tW1, tb1, tW2, tb2, tW3, tb3, tW4, tb4 = _ldG(q)
-        hW0, hb0, hW1, hb1, hW2, hb2, hW3, hb3, hW4, hb4 = _zeros_net(P)
+            W0, b0, W1, b1, W2, b2, W3, b3, w4a, w4b, b4a, b4b = _ldG(p)
+            tW0, tb0, tW1, tb1, tW2, tb2, tW3, tb3, tw4a, tw4b, tb4a, tb4b = _ldG(q)
+        hW0, hb0, hW1, hb1, hW2, hb2, hW3, hb3 = _zeros4(P)
+        hW4a = tl.zeros([16], ty)
+        hW4b = tl.zeros([16], ty)
+        hb4a = tl.zeros([T], ty)
+        hb4b = tl.zeros([T], ty)
         start = k * rows_per_prog
         stop = tl.minimum(start + rows_per_prog, B)
         for r0 in range(start, stop, T):
             if RELOAD:
-                W0, b0, W1, b1, W2, b2, W3, b3, W4, b4 = _ldG(p)
-                tW0, tb0, tW1, tb1, tW2, tb2, tW3, tb3, tW4, tb4 = _ldG(q)
+                W0, b0, W1, b1, W2, b2, W3, b3, w4a, w4b, b4a, b4b = _ldG(p)
+                tW0, tb0, tW1, tb1, tW2, tb2, tW3, tb3, tw4a, tw4b, tb4a, tb4b = _ldG(q)
             rows = r0 + tl.arange(0, T)
             rmask = rows < stop
             a0 = _load_rows(Z, s, B, rows, rmask, 16)
@@ -503,12 +601,16 @@ if triton is not None:
             ta2 = _on(_mm(ta1, W1, PREC) + _lin(a1, tW1, tb1, PREC), a2)
             ta3 = _on(_mm(ta2, W2, PREC) + _lin(a2, tW2, tb2, PREC), a3)
             ta4 = _on(_mm(ta3, W3, PREC) + _lin(a3, tW3, tb3, PREC), a4)
-            dt = _load_rows(DXT, s, B, rows, rmask, 2)
-            gl = _load_rows(GL, s, B, rows, rmask, 2)  # L_G's primal delta, backpropagated alongside
-            hW4 += _mmT(a4, dt, PREC) + _mmT(ta4, gl, PREC)
-            hb4 += tl.sum(dt, axis=0)
-            dt = _on(_mmBT(dt, W4, PREC) + _mmBT(gl, tW4, PREC), a4)
-            gl = _on(_mmBT(gl, W4, PREC), a4)
+            dtx = _load_col(DXT, s, B, rows, rmask, 0)
+            dty = _load_col(DXT, s, B, rows, rmask, 1)
+            glx = _load_col(GL, s, B, rows, rmask, 0)  # L_G's primal delta, backpropagated alongside
+            gly = _load_col(GL, s, B, rows, rmask, 1)
+            hW4a += tl.sum(a4 * dtx[:, None] + ta4 * glx[:, None], axis=0)
+            hW4b += tl.sum(a4 * dty[:, None] + ta4 * gly[:, None], axis=0)
+            hb4a += dtx
+            hb4b += dty
+            dt = _on(_outer(dtx, w4a) + _outer(dty, w4b) + _outer(glx, tw4a) + _outer(gly, tw4b), a4)
+            gl = _on(_outer(glx, w4a) + _outer(gly, w4b), a4)
             hW3 += _mmT(a3, dt, PREC) + _mmT(ta3, gl, PREC)
             hb3 += tl.sum(dt, axis=0)
             dt = _on(_mmBT(dt, W3, PREC) + _mmBT(gl, tW3, PREC), a3)
@@ -525,7 +627,8 @@ if triton is not None:
         o = OUT + (k * S + s) * 2003
         if OPT:   # every warp is done reading G's parameters before any of them is updated
             tl.debug_barrier()
-        _putG(o, q, hW0, hb0, hW1, hb1, hW2, hb2, hW3, hb3, hW4, hb4, gam, False, FINAL,
+        _putG(o, q, hW0, hb0, hW1, hb1, hW2, hb2, hW3, hb3, hW4a, hW4b,
+              tl.sum(hb4a, axis=0), tl.sum(hb4b, axis=0), gam, False, FINAL,
               X + s * 2003, MS + s * 2003, lr, decay, omd, eps, OPT)
 
 

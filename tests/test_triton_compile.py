@@ -1,0 +1,81 @@
+"""Every Triton kernel of numgan compiles for an H100 (sm_90), checked without a GPU.
+
+The other Triton tests run the kernels in Triton's CPU interpreter, which checks their arithmetic but not
+that the compiler accepts them: the interpreter is plain numpy and takes code (layouts, loop-carried types,
+shapes) that the GPU compiler rejects. Triton bundles ptxas, so the compilation itself runs here, in the
+configurations the launchers use (numgan.conv's dcgan and ResNet layers, numgan.rmsprop, numgan.mog_triton's
+float32 and TF32 settings). A kernel that fails here would fail on the first GPU call.
+"""
+import pytest
+
+from numgan import _triton, conv, mog_triton, rmsprop
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(_triton.triton is None, reason="Triton is not installed (it ships with Linux CUDA torch)"),
+              pytest.mark.skipif(_triton.INTERPRET, reason="TRITON_INTERPRET=1 replaces the kernels by the interpreter")]
+
+P32, I32, F32 = "*fp32", "i32", "fp32"
+
+
+def _compiles(fn, types, constexprs, num_warps=4):
+    k = _triton.compile_offline(fn, types, constexprs, num_warps=num_warps)
+    assert len(k.asm["cubin"]) > 1000, f"{fn.__name__}: no machine code"
+    assert ".entry" in k.asm["ptx"]
+
+
+MOG_ARGS = {
+    "_grad_kernel": (dict(P=P32, XR=P32, Z=P32, OUT=P32, LOSS=P32, S=I32, B=I32, rows_per_prog=I32, inv_b=F32),
+                     dict(RELOAD=False)),
+    "_hvp_real_kernel": (dict(P=P32, U=P32, XR=P32, OUT=P32, S=I32, B=I32, rows_per_prog=I32, inv_b=F32),
+                         dict(RELOAD=True)),
+    "_hvp_fake_kernel": (dict(P=P32, U=P32, Z=P32, OUT=P32, DXT=P32, GL=P32, S=I32, B=I32, rows_per_prog=I32,
+                              inv_b=F32, gam=F32, X=P32, MS=P32, lr=F32, decay=F32, omd=F32, eps=F32),
+                         dict(FINAL=True, OPT=True)),
+    "_hvp_g_kernel": (dict(P=P32, U=P32, Z=P32, OUT=P32, DXT=P32, GL=P32, S=I32, B=I32, rows_per_prog=I32, gam=F32,
+                           X=P32, MS=P32, lr=F32, decay=F32, omd=F32, eps=F32),
+                      dict(FINAL=False, RELOAD=False, OPT=False)),
+}
+
+
+@pytest.mark.parametrize("kernel", sorted(MOG_ARGS))
+@pytest.mark.parametrize("precision,tile,num_warps", [("ieee", 16, 4), ("tf32", 32, 4)])
+def test_mog_kernels_compile(kernel, precision, tile, num_warps):
+    types, consts = MOG_ARGS[kernel]
+    _compiles(getattr(mog_triton, kernel), types, dict(consts, T=tile, PREC=precision), num_warps)
+
+
+# numgan.conv: 5x5 stride-2 layers (dcgan: 75/76-column and 1600-column matrices) and 3x3 stride-1 (ResNet)
+_IM2COL_INTS = "n_rows n_cols n_valid C H W Ho Wo top left x_b x_c x_h x_w m_b m_c m_h m_w".split()
+_COL2IM_INTS = "n_pos C H W Ho Wo top left s_b s_i s_j s_p s_q s_c o_b o_c o_h o_w m_b m_c m_h m_w".split()
+
+
+@pytest.mark.parametrize("k,s,cpq,mask,mask_self,br,bj", [
+    (5, 2, False, False, False, 64, 32), (5, 2, True, True, True, 16, 128), (5, 2, False, True, False, 16, 128),
+    (3, 1, False, True, True, 16, 128)])
+def test_im2col_compiles(k, s, cpq, mask, mask_self, br, bj):
+    types = dict(x=P32, cols=P32, mask_src=P32, slope=P32, **{n: I32 for n in _IM2COL_INTS})
+    _compiles(conv._im2col_kernel, types, dict(K=k, S=s, CPQ=cpq, MASK=mask, MASK_SELF=mask_self,
+                                               BLOCK_R=br, BLOCK_J=bj))
+
+
+@pytest.mark.parametrize("k,s,bias,mask,act,bp,bc", [
+    (5, 2, True, False, False, 32, 64), (5, 2, False, True, False, 32, 64), (5, 2, True, False, True, 128, 16),
+    (3, 1, True, True, False, 32, 64)])
+def test_col2im_compiles(k, s, bias, mask, act, bp, bc):
+    types = dict(cols=P32, bias=P32, out=P32, mask_src=P32, slope=P32, **{n: I32 for n in _COL2IM_INTS})
+    _compiles(conv._col2im_kernel, types, dict(K=k, S=s, KT=-(-k // s), HAS_BIAS=bias, MASK=mask, ACT=act,
+                                               ACC=_triton.tl.float32, BLOCK_P=bp, BLOCK_C=bc))
+
+
+@pytest.mark.parametrize("has_e", [False, True])
+def test_rmsprop_kernel_compiles(has_e):
+    types = {f"{x}{i}": P32 for i in range(rmsprop._SLOTS) for x in "pgem"}
+    types.update({f"n{i}": I32 for i in range(rmsprop._SLOTS)})
+    types.update({f"s{i}": I32 for i in range(1, rmsprop._SLOTS)})
+    types.update(lr=F32, decay=F32, one_minus_decay=F32, eps=F32, alpha=F32)
+    _compiles(rmsprop._tf1_rmsprop_kernel, types, dict(HAS_E=has_e, BLOCK=rmsprop._BLOCK))
+
+
+def test_compile_offline_rejects_missing_arguments():
+    with pytest.raises(ValueError, match="no type or value"):
+        _triton.compile_offline(rmsprop._tf1_rmsprop_kernel, {}, {})
