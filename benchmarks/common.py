@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import platform
+import re
 import statistics
 import subprocess
 import time
@@ -117,3 +118,27 @@ def report(name: str, device, text: str, save: bool) -> None:
     print(text)
     if save:
         print("recorded in", record(name, device, text))
+
+
+def module_at(rev: str, path: str = "numgan/mog_triton.py"):
+    """The module at ``path`` as committed at git revision ``rev``, imported under another name (for timing or
+    compiling an earlier version of a kernel module beside the working tree's). Its relative imports of numgan
+    modules are made absolute, so it uses the working tree's versions of those."""
+    import importlib.util
+    import tempfile
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        src = subprocess.run(["git", "-C", str(root), "show", f"{rev}:{path}"], check=True, capture_output=True,
+                             text=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise SystemExit(f"cannot read {path} at {rev}: {getattr(e, 'stderr', '') or e}".strip())
+    src = re.sub(r"^from \.(\w*) import", r"from numgan.\1 import", src, flags=re.M).replace("from numgan. import",
+                                                                                             "from numgan import")
+    name = f"{Path(path).stem}_{rev}".replace("-", "_").replace(".", "_")
+    file = Path(tempfile.mkdtemp()) / f"{name}.py"
+    file.write_text(src)   # Triton's jit reads kernel source from the module's file
+    spec = importlib.util.spec_from_file_location(name, file)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -18,7 +18,7 @@ py=${PYTHON:-python}
 case "$part" in
   test)
     "$py" -m pytest -q -p no:cacheprovider tests/test_rmsprop_triton.py tests/test_step.py tests/test_mog_fused.py \
-          -k "cuda"
+          tests/test_mog_triton.py -k "cuda"
     ;;
   step)
     "$py" benchmarks/bench_step.py --device cuda --methods simga,altga,conopt --variants plain,fast,fast-split-d,fast-noalign \
@@ -29,7 +29,10 @@ case "$part" in
     ;;
   mog)
     "$py" benchmarks/bench_mog.py --device cuda --seeds 256 --methods conopt --engines fused --graph-k 10 \
-          --repeat 5 --triton-precisions ieee:16:4:1 tf32:32:4:16 --record
+          --repeat 5 --triton-precisions ieee:16:4:1 ieee:16:8:1 tf32:32:4:16 --record
+    # the kernels alone against a revision before the narrow-layer change (AGAINST, default dda02e1)
+    "$py" benchmarks/bench_mog_kernels.py --against "${AGAINST:-dda02e1}" --configs ieee:16:4 ieee:16:8 ieee:32:8 \
+          tf32:32:4 --record
     ;;
   eval)
     "$py" benchmarks/bench_jacobian.py --device cuda --record

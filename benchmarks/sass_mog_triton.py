@@ -16,7 +16,6 @@ up here before it can be timed. Times are benchmarks/bench_mog.py's, on a GPU.
     python benchmarks/sass_mog_triton.py --configs ieee:16:4 ieee:16:8 tf32:32:4 --record
 """
 import argparse
-import importlib.util
 import os
 import re
 import subprocess
@@ -44,23 +43,11 @@ SIGNATURES = {   # argument types, and the constexprs besides T and PREC, as num
 
 
 def load_module(rev):
-    """numgan.mog_triton as in the working tree (rev None) or as committed at ``rev`` (via git show)."""
+    """numgan.mog_triton as in the working tree (rev None) or as committed at ``rev``."""
     if rev is None:
         from numgan import mog_triton
         return mog_triton
-    try:
-        src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:numgan/mog_triton.py"], check=True,
-                             capture_output=True, text=True).stdout
-    except subprocess.CalledProcessError as e:
-        raise SystemExit(f"--against {rev}: git show failed: {e.stderr.strip()}")
-    src = src.replace("from ._triton import", "from numgan._triton import").replace(
-        "from .mog_fused import", "from numgan.mog_fused import")
-    path = Path(tempfile.mkdtemp()) / f"mog_triton_{rev}.py"
-    path.write_text(src)   # Triton's jit reads the kernels' source from their file
-    spec = importlib.util.spec_from_file_location(f"mog_triton_{rev}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return common.module_at(rev)
 
 
 def tool(name):

@@ -140,3 +140,26 @@ def test_triton_runs_are_cached_apart(tmp_path, monkeypatch):
 
 if __name__ == "__main__":
     _interpreter_checks()
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and mt.available()), reason="needs a CUDA device and Triton")
+def test_kernels_match_float64_on_cuda():
+    """The compiled float32 kernels on a GPU (the interpreter checks only the algebra): the ConOpt direction and
+    one in-place conopt_step against numgan.mog_fused in float64, in every kernel configuration timed."""
+    x, xr, z = (t.cuda() for t in _case(8, 512))
+    ref = mf.conopt_direction(x, xr, z, 10.0)
+    x32, xr32, z32 = x.float(), xr.float(), z.float()
+    for opts in (dict(tile=16, num_warps=4), dict(tile=16, num_warps=8), dict(tile=32, num_warps=8),
+                 dict(tile=16, split=4)):
+        d, losses = mt.direction(x32, xr32, z32, 10.0, **opts)
+        err = float((d.double() - ref).norm() / ref.norm())
+        assert err < 1e-4, (opts, err)
+        ld, lg, _ = mf.player_grads(x, xr, z)
+        torch.testing.assert_close(losses.double(), torch.stack([ld, lg], 1), rtol=1e-4, atol=1e-5)
+    d, _ = mt.direction(x32, xr32, z32, 10.0, precision="tf32", tile=32, split=16)
+    assert float((d.double() - ref).norm() / ref.norm()) < 5e-2   # TF32 products: ~1e-2 measured
+    p, ms = x32.clone(), torch.ones_like(x32)
+    mt.conopt_step(p, ms, xr32, z32, 10.0, 1e-3, 0.9, 1e-10)
+    ms_ref = 0.9 + 0.1 * ref * ref
+    torch.testing.assert_close(ms.double(), ms_ref, rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(p.double(), x - 1e-3 * ref / torch.sqrt(ms_ref + 1e-10), rtol=1e-4, atol=1e-6)
