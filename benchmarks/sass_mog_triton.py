@@ -59,11 +59,15 @@ def tool(name):
 
 
 def analyse(mod, kernel, precision, tile, num_warps):
-    """One kernel compiled for sm_90a: a row of the table."""
+    """One kernel compiled for sm_90a with the alignment facts of a launch at S = 256, B = 512: a row of the
+    table."""
     from numgan._triton import compile_offline
 
     args, consts = SIGNATURES[kernel]
-    compiled = compile_offline(getattr(mod, kernel), args, dict(consts, T=tile, PREC=precision), num_warps=num_warps)
+    # as launched at S = 256, B = 512, one program per seed: pointers, S, B and rows_per_prog are multiples of 16
+    aligned = [n for n, t in args.items() if t.startswith("*") or n in ("S", "B", "rows_per_prog")]
+    compiled = compile_offline(getattr(mod, kernel), args, dict(consts, T=tile, PREC=precision), num_warps=num_warps,
+                               aligned=aligned)
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
         ptx.write_text(compiled.asm["ptx"])

@@ -25,14 +25,18 @@ def device_guard(t):
     return contextlib.nullcontext()
 
 
-def compile_offline(fn, types: dict, constexprs: dict, arch: int = 90, num_warps: int = 4):
+def compile_offline(fn, types: dict, constexprs: dict, arch: int = 90, num_warps: int = 4, aligned=None):
     """Compile the Triton kernel ``fn`` for an NVIDIA GPU of compute capability ``arch`` (90: H100) without
     one: Triton bundles ptxas, so this runs on any machine with a Linux Triton install (tests and
     benchmarks/sass_mog_triton.py use it to check and inspect kernels where no GPU is at hand).
 
     ``types`` maps each runtime argument to a Triton type string ("*fp32", "i32", "fp32", ...),
-    ``constexprs`` each constexpr argument to its value. Returns Triton's compiled kernel, whose ``asm``
-    holds "ptx" and "cubin". Raises whatever Triton raises when the kernel does not compile.
+    ``constexprs`` each constexpr argument to its value. ``aligned`` names the arguments that a launch would
+    pass as multiples of 16 (Triton's JIT specialises on that: 16-byte-aligned pointers, integers divisible
+    by 16); default: every pointer argument, as torch's allocations are. (The JIT also turns an integer
+    argument equal to 1 into a constant: pass such an argument in ``constexprs``.) Returns Triton's compiled
+    kernel, whose ``asm`` holds "ptx" and "cubin". Raises whatever Triton raises when the kernel does not
+    compile.
     """
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -41,6 +45,12 @@ def compile_offline(fn, types: dict, constexprs: dict, arch: int = 90, num_warps
     if missing:
         raise ValueError(f"no type or value for the arguments {sorted(missing)} of {fn.__name__}")
     signature = {name: types[name] if name in types else "constexpr" for name in fn.arg_names}
+    if aligned is None:
+        aligned = [name for name, t in types.items() if t.startswith("*")]
+    unknown = set(aligned) - set(types)
+    if unknown:
+        raise ValueError(f"aligned names no runtime argument of {fn.__name__}: {sorted(unknown)}")
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     src = ASTSource(fn=fn, signature=signature,
-                    constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+                    constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))

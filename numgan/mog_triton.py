@@ -22,8 +22,8 @@ a_0 = z and x_fake = h_4; D's layer l maps e_l -> e_l V_l + c_l, e_0 = x, logit 
 The 16-wide layers are [T, 16] x [16, 16] products (``tl.dot``). The narrow ones are not padded to that
 shape: a point x (2 columns), a logit (1 column) and their deltas and tangents are [T] vectors, and
 their products are outer products and row sums (``_outer``, ``_rowdot``). As 16 x 16 products they were
-29% of every kernel's products and mostly zeros; without them a kernel compiles to 20-30% fewer
-multiply-adds and shared-memory loads and spills 30-70% fewer bytes (benchmarks/sass_mog_triton.py).
+29% of every kernel's products and mostly zeros; without them the four kernels compile to 25% fewer
+multiply-adds and shared-memory loads and spill 23-71% fewer bytes (benchmarks/sass_mog_triton.py).
 Primal deltas (dL/d(layer output)): on real rows delta (L_D); on fake rows beta is the backprop of a
 unit logit delta, so the L_D delta is beta sigma/B and the L_G delta beta (sigma - 1)/B (the two losses
 differ only in their derivative at the logit); gamma_l are G's deltas of L_G. The fake rows carry two

@@ -76,6 +76,9 @@ def test_rmsprop_kernel_compiles(has_e):
     _compiles(rmsprop._tf1_rmsprop_kernel, types, dict(HAS_E=has_e, BLOCK=rmsprop._BLOCK))
 
 
-def test_compile_offline_rejects_missing_arguments():
+def test_compile_offline_rejects_bad_arguments():
     with pytest.raises(ValueError, match="no type or value"):
         _triton.compile_offline(rmsprop._tf1_rmsprop_kernel, {}, {})
+    types, consts = MOG_ARGS["_hvp_real_kernel"]
+    with pytest.raises(ValueError, match="aligned"):
+        _triton.compile_offline(mog_triton._hvp_real_kernel, types, dict(consts, T=16, PREC="ieee"), aligned=["Q"])
