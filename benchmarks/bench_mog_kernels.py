@@ -5,8 +5,12 @@ CUDA graph at S seeds and batch 512, for the working tree's kernels and, with ``
 numgan/mog_triton.py as committed at REV, in alternating rounds on the same machine (machines differ by a
 few percent). Also prints each version's ConOpt direction error against the float64 torch engine.
 bench_mog.py times the whole engine step (minibatch draws included), which is what the issue's target counts.
+``conopt_step`` runs one program per seed, so a TF32 row here is not the engine's TF32 setting (16 programs
+per seed through ``direction``, ``mog_triton.TF32_OPTIONS``; bench_mog.py times that).
 
     python benchmarks/bench_mog_kernels.py --against dda02e1 --configs ieee:16:4 ieee:16:8 tf32:32:4 --record
+    git show dda02e1:numgan/mog_triton.py > old.py      # where the copy has no git history (a GPU machine):
+    python benchmarks/bench_mog_kernels.py --against-file old.py
 """
 import argparse
 import sys
@@ -54,6 +58,7 @@ def ms_per_step(g, k, reps):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--against", help="also time numgan/mog_triton.py as committed at this git revision")
+    ap.add_argument("--against-file", help="also time this copy of an earlier numgan/mog_triton.py")
     ap.add_argument("--configs", nargs="*", default=["ieee:16:4"], help="precision:tile:num_warps")
     ap.add_argument("--seeds", type=int, default=256)
     ap.add_argument("--steps-per-graph", type=int, default=20)
@@ -69,6 +74,11 @@ def main():
     versions = [("working tree" if common.git_commit().endswith("dirty") else common.git_commit(), mog_triton)]
     if a.against:
         versions.append((a.against, common.module_at(a.against)))
+    if a.against_file:
+        path = Path(a.against_file)
+        if not path.is_file():
+            raise SystemExit(f"--against-file {path}: no such file")
+        versions.append((path.name, common.module_from_source(path.read_text(), f"mog_triton_{path.stem}")))
     S, k = a.seeds, a.steps_per_graph
     G, D = mog.make_models(S, 0, "cuda")
     x0 = mog_fused.pack(G, D)
@@ -80,14 +90,14 @@ def main():
     for cfg in a.configs:
         precision, tile, warps = cfg.split(":")
         tile, warps = int(tile), int(warps)
-        graphs = {label: graphed_steps(mod, x0, xr, z, k, precision, tile, warps) for label, mod in versions}
-        times = {label: [] for label in graphs}
+        graphs = [graphed_steps(mod, x0, xr, z, k, precision, tile, warps) for _, mod in versions]
+        times = [[] for _ in graphs]
         for _ in range(a.rounds):
-            for label, g in graphs.items():
-                times[label].append(ms_per_step(g, k, reps=10))
-        for label, mod in versions:
+            for i, g in enumerate(graphs):
+                times[i].append(ms_per_step(g, k, reps=10))
+        for i, (label, mod) in enumerate(versions):
             d, _ = mod.direction(x0, xr, z, 10.0, precision=precision, tile=tile, num_warps=warps)
-            t = sorted(times[label])
+            t = sorted(times[i])
             rows.append({"kernels": label, "precision:tile:warps": cfg, "ms/step (min)": t[0],
                          "ms/step (median)": t[len(t) // 2], "seed-steps/s": f"{S / t[0] * 1e3:,.0f}",
                          "rel. error vs float64": f"{float((d.double() - ref).norm() / ref.norm()):.2e}"})

@@ -120,25 +120,32 @@ def report(name: str, device, text: str, save: bool) -> None:
         print("recorded in", record(name, device, text))
 
 
-def module_at(rev: str, path: str = "numgan/mog_triton.py"):
-    """The module at ``path`` as committed at git revision ``rev``, imported under another name (for timing or
-    compiling an earlier version of a kernel module beside the working tree's). Its relative imports of numgan
-    modules are made absolute, so it uses the working tree's versions of those."""
+def module_from_source(src: str, name: str):
+    """Import the Python source ``src`` of a numgan module as a module called ``name`` (for timing or compiling
+    an earlier version of a kernel module beside the working tree's). Its relative imports of numgan modules are
+    made absolute, so it uses the working tree's versions of those."""
     import importlib.util
     import tempfile
 
-    root = Path(__file__).resolve().parents[1]
-    try:
-        src = subprocess.run(["git", "-C", str(root), "show", f"{rev}:{path}"], check=True, capture_output=True,
-                             text=True).stdout
-    except (OSError, subprocess.CalledProcessError) as e:
-        raise SystemExit(f"cannot read {path} at {rev}: {getattr(e, 'stderr', '') or e}".strip())
-    src = re.sub(r"^from \.(\w*) import", r"from numgan.\1 import", src, flags=re.M).replace("from numgan. import",
-                                                                                             "from numgan import")
-    name = f"{Path(path).stem}_{rev}".replace("-", "_").replace(".", "_")
-    file = Path(tempfile.mkdtemp()) / f"{name}.py"
+    src = re.sub(r"^(\s*)from \.([\w.]*) import", lambda m: f"{m.group(1)}from numgan{'.' if m.group(2) else ''}"
+                 f"{m.group(2)} import", src, flags=re.M)
+    name = re.sub(r"\W", "_", name)
+    file = Path(tempfile.mkdtemp(prefix="numgan-module-")) / f"{name}.py"
     file.write_text(src)   # Triton's jit reads kernel source from the module's file
     spec = importlib.util.spec_from_file_location(name, file)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def module_at(rev: str, path: str = "numgan/mog_triton.py"):
+    """The module at ``path`` as committed at git revision ``rev`` (:func:`module_from_source`); needs the
+    repository's history (a copy of the working tree without ``.git`` has none: pass the file instead)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        src = subprocess.run(["git", "-C", str(root), "show", f"{rev}:{path}"], check=True, capture_output=True,
+                             text=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise SystemExit(f"cannot read {path} at {rev} (no git history here? pass the file itself): "
+                         f"{getattr(e, 'stderr', '') or e}".strip())
+    return module_from_source(src, f"{Path(path).stem}_{rev}")

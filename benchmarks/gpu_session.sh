@@ -30,9 +30,10 @@ case "$part" in
   mog)
     "$py" benchmarks/bench_mog.py --device cuda --seeds 256 --methods conopt --engines fused --graph-k 10 \
           --repeat 5 --triton-precisions ieee:16:4:1 ieee:16:8:1 tf32:32:4:16 --record
-    # the kernels alone against a revision before the narrow-layer change (AGAINST, default dda02e1)
-    "$py" benchmarks/bench_mog_kernels.py --against "${AGAINST:-dda02e1}" --configs ieee:16:4 ieee:16:8 ieee:32:8 \
-          tf32:32:4 --record
+    # the kernels alone against those before the narrow-layer change: AGAINST_FILE (a copy of that
+    # numgan/mog_triton.py, for a machine without the git history), else git revision AGAINST (default dda02e1)
+    if [ -n "${AGAINST_FILE:-}" ]; then against=(--against-file "$AGAINST_FILE"); else against=(--against "${AGAINST:-dda02e1}"); fi
+    "$py" benchmarks/bench_mog_kernels.py "${against[@]}" --configs ieee:16:4 ieee:16:8 ieee:32:8 tf32:32:4 --record
     ;;
   eval)
     "$py" benchmarks/bench_jacobian.py --device cuda --record

@@ -95,6 +95,7 @@ def main():
     ap.add_argument("--configs", nargs="*", default=["ieee:16:4"],
                     help="precision:tile:num_warps (default: the float32 default of mog_triton.direction)")
     ap.add_argument("--against", help="also compile the kernels of numgan/mog_triton.py at this git revision")
+    ap.add_argument("--against-file", help="also compile the kernels of this copy of numgan/mog_triton.py")
     ap.add_argument("--kernels", nargs="*", default=list(KERNELS), choices=KERNELS)
     ap.add_argument("--record", action="store_true", help="append to benchmarks/results/sass_mog_triton-cpu.md")
     a = ap.parse_args()
@@ -106,6 +107,11 @@ def main():
     mods = [("working tree" if common.git_commit().endswith("dirty") else common.git_commit(), load_module(None))]
     if a.against:
         mods.append((a.against, load_module(a.against)))
+    if a.against_file:
+        path = Path(a.against_file)
+        if not path.is_file():
+            raise SystemExit(f"--against-file {path}: no such file")
+        mods.append((path.name, common.module_from_source(path.read_text(), f"mog_triton_{path.stem}")))
     rows = []
     for cfg in a.configs:
         precision, tile, warps = cfg.split(":")

@@ -36,14 +36,20 @@ def compile_offline(fn, types: dict, constexprs: dict, arch: int = 90, num_warps
     by 16); default: every pointer argument, as torch's allocations are. (The JIT also turns an integer
     argument equal to 1 into a constant: pass such an argument in ``constexprs``.) Returns Triton's compiled
     kernel, whose ``asm`` holds "ptx" and "cubin". Raises whatever Triton raises when the kernel does not
-    compile.
+    compile, and NotImplementedError where this Triton's ahead-of-time API differs from 3.8's.
     """
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     missing = set(fn.arg_names) - set(types) - set(constexprs)
     if missing:
         raise ValueError(f"no type or value for the arguments {sorted(missing)} of {fn.__name__}")
+    extra, both = (set(types) | set(constexprs)) - set(fn.arg_names), set(types) & set(constexprs)
+    if extra or both:
+        raise ValueError(f"{fn.__name__}: {sorted(extra)} are not its arguments" if extra else
+                         f"{fn.__name__}: {sorted(both)} given both a type and a constant value")
+    try:   # Triton's ahead-of-time entry points (checked with Triton 3.8, the version torch 2.14 ships)
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as e:
+        raise NotImplementedError(f"this Triton ({triton.__version__}) has no ahead-of-time compiler API: {e}")
     signature = {name: types[name] if name in types else "constexpr" for name in fn.arg_names}
     if aligned is None:
         aligned = [name for name, t in types.items() if t.startswith("*")]
@@ -51,6 +57,9 @@ def compile_offline(fn, types: dict, constexprs: dict, arch: int = 90, num_warps
     if unknown:
         raise ValueError(f"aligned names no runtime argument of {fn.__name__}: {sorted(unknown)}")
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
-    src = ASTSource(fn=fn, signature=signature,
-                    constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
+    try:
+        src = ASTSource(fn=fn, signature=signature,
+                        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
+    except TypeError as e:
+        raise NotImplementedError(f"this Triton ({triton.__version__}) takes other ASTSource arguments: {e}")
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))

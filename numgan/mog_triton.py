@@ -22,8 +22,9 @@ a_0 = z and x_fake = h_4; D's layer l maps e_l -> e_l V_l + c_l, e_0 = x, logit 
 The 16-wide layers are [T, 16] x [16, 16] products (``tl.dot``). The narrow ones are not padded to that
 shape: a point x (2 columns), a logit (1 column) and their deltas and tangents are [T] vectors, and
 their products are outer products and row sums (``_outer``, ``_rowdot``). As 16 x 16 products they were
-29% of every kernel's products and mostly zeros; without them the four kernels compile to 25% fewer
-multiply-adds and shared-memory loads and spill 23-71% fewer bytes (benchmarks/sass_mog_triton.py).
+49 of the four kernels' ~165 products and mostly zeros; without them the kernels compile to 25% fewer
+multiply-adds and shared-memory loads and spill 23-71% fewer bytes in the float32 setting (tile 16, 4 warps;
+benchmarks/sass_mog_triton.py).
 Primal deltas (dL/d(layer output)): on real rows delta (L_D); on fake rows beta is the backprop of a
 unit logit delta, so the L_D delta is beta sigma/B and the L_G delta beta (sigma - 1)/B (the two losses
 differ only in their derivative at the logit); gamma_l are G's deltas of L_G. The fake rows carry two
@@ -39,12 +40,12 @@ Precision. Matrix products use ``tl.dot`` with ``input_precision`` (``PRECISIONS
 float32 FMA arithmetic, the function the torch engines compute (torch's float32 matmuls on CUDA do not use
 TF32 unless asked): on an H100 its ConOpt direction is as close to float64 as numgan.mog_fused's (relative
 error 4.2e-5 on a 256-seed batch), and a graphed ConOpt step of 256 seeds takes 1.28-1.32 ms (194k-200k
-seed-steps/s on two H100 machines, timed before the narrow layers became row operations, not yet after;
-numgan.mog_fused: 2.7-2.8 ms). "tf32" (tensor cores, 10-bit mantissa operands) is a precision
-change, opt-in: 0.85 ms (~300k seed-steps/s) at a relative error of 1e-2 per direction, which left 20k-step
-training outcomes unchanged in a 64-seed comparison. "tf32x3" (float32 accuracy from three TF32 products)
+seed-steps/s on two H100 machines; numgan.mog_fused: 2.7-2.8 ms). "tf32" (tensor cores, 10-bit mantissa
+operands) is a precision change, opt-in: 0.85 ms (~300k seed-steps/s) at a relative error of 1e-2 per
+direction, which left 20k-step training outcomes unchanged in a 64-seed comparison. "tf32x3" (float32 accuracy from three TF32 products)
 spilled registers and ran at ~60k. Numbers: benchmarks/results/bench_mog-cuda.md. Under Triton's
-interpreter (tests) every product is exact numpy arithmetic in the input dtype.
+interpreter (tests) every product is exact numpy arithmetic in the input dtype. All these times are from
+before the narrow layers became row operations; they are not yet timed after it.
 """
 from __future__ import annotations
 
@@ -77,7 +78,8 @@ if triton is not None:
     # tl.dot). The three narrow layers are never padded to 16 x 16 products: D's input layer (2 -> 16)
     # and G's output layer (16 -> 2) work on two [T] columns (the 2-D points), D's logit layer (16 -> 1)
     # on one; their products are outer products and row sums (_outer, _rowdot), and their parameter
-    # sums accumulate as [T, 16] / [T] partials, summed over the rows once per program (_putG, _putD).
+    # sums accumulate as [T, 16] / [T] partials summed over the rows once per program (the G kernel sums
+    # its output layer's per tile into [16] vectors: fewer spills there), then go out through _putG / _putD.
     # ------------------------------------------------------------------------------------------------
     @triton.jit
     def _ld(p, OFF: tl.constexpr, IN: tl.constexpr, OUT: tl.constexpr):

@@ -138,28 +138,33 @@ def test_triton_runs_are_cached_apart(tmp_path, monkeypatch):
     assert seen[2]["precision"] == "tf32" and runs.config_key(seen[0]) != runs.config_key(seen[2])
 
 
-if __name__ == "__main__":
-    _interpreter_checks()
-
-
+@pytest.mark.slow
 @pytest.mark.skipif(not (torch.cuda.is_available() and mt.available()), reason="needs a CUDA device and Triton")
 def test_kernels_match_float64_on_cuda():
     """The compiled float32 kernels on a GPU (the interpreter checks only the algebra): the ConOpt direction and
-    one in-place conopt_step against numgan.mog_fused in float64, in every kernel configuration timed."""
-    x, xr, z = (t.cuda() for t in _case(8, 512))
-    ref = mf.conopt_direction(x, xr, z, 10.0)
-    x32, xr32, z32 = x.float(), xr.float(), z.float()
+    conopt_step's in-place update against numgan.mog_fused in float64 on the same (float32-rounded) inputs, in
+    every kernel configuration that is timed."""
+    x, xr, z = (t.float().cuda() for t in _case(8, 512))
+    x64, xr64, z64 = x.double(), xr.double(), z.double()
+    ref = mf.conopt_direction(x64, xr64, z64, 10.0)
+    ld, lg, _ = mf.player_grads(x64, xr64, z64)
     for opts in (dict(tile=16, num_warps=4), dict(tile=16, num_warps=8), dict(tile=32, num_warps=8),
                  dict(tile=16, split=4)):
-        d, losses = mt.direction(x32, xr32, z32, 10.0, **opts)
+        d, losses = mt.direction(x, xr, z, 10.0, **opts)
         err = float((d.double() - ref).norm() / ref.norm())
-        assert err < 1e-4, (opts, err)
-        ld, lg, _ = mf.player_grads(x, xr, z)
+        assert err < 1e-4, (opts, err)   # mog_fused in float32 on the CPU: 2.6e-7 on this case
         torch.testing.assert_close(losses.double(), torch.stack([ld, lg], 1), rtol=1e-4, atol=1e-5)
-    d, _ = mt.direction(x32, xr32, z32, 10.0, precision="tf32", tile=32, split=16)
-    assert float((d.double() - ref).norm() / ref.norm()) < 5e-2   # TF32 products: ~1e-2 measured
-    p, ms = x32.clone(), torch.ones_like(x32)
-    mt.conopt_step(p, ms, xr32, z32, 10.0, 1e-3, 0.9, 1e-10)
+    d, _ = mt.direction(x, xr, z, 10.0, precision="tf32", tile=32, split=16)
+    assert float((d.double() - ref).norm() / ref.norm()) < 0.1   # TF32 products: ~1e-2 measured; a wrong term gives O(1)
     ms_ref = 0.9 + 0.1 * ref * ref
-    torch.testing.assert_close(ms.double(), ms_ref, rtol=1e-3, atol=1e-6)
-    torch.testing.assert_close(p.double(), x - 1e-3 * ref / torch.sqrt(ms_ref + 1e-10), rtol=1e-4, atol=1e-6)
+    step_ref = -1e-3 * ref / torch.sqrt(ms_ref + 1e-10)   # |step| <= 1e-3 / sqrt(0.1)
+    for opts in (dict(tile=16, num_warps=4), dict(tile=16, num_warps=8)):
+        p, ms = x.clone(), torch.ones_like(x)
+        mt.conopt_step(p, ms, xr, z, 10.0, 1e-3, 0.9, 1e-10, **opts)
+        torch.testing.assert_close(ms.double(), ms_ref, rtol=1e-3, atol=1e-6)
+        torch.testing.assert_close(p.double() - x64, step_ref, rtol=1e-2, atol=1e-7)
+
+
+if __name__ == "__main__":
+    _interpreter_checks()
+
