@@ -303,8 +303,13 @@ def test_fast_conopt_step_launches_half_the_kernels_of_the_plain_port():
         for variant in ("plain", "fast"):
             step, G, D = build(variant, "conopt", "dcgan4_nobn", 4, images, torch.device("cpu"))
             step(), step()
-            counts[variant] = count_step(step)
+            counts[variant], nbytes = count_step(step, with_bytes=True)
     n_params = len(list(G.parameters())) + len(list(D.parameters()))
+    # count_kernels --bytes: ConOpt's fused update reads p, ms, u, J^T u and writes p, ms (6 passes); im2col's
+    # and col2im's traffic is theirs, not that of the CPU fallback's operators
+    param_bytes = sum(p.numel() * p.element_size() for p in list(G.parameters()) + list(D.parameters()))
+    assert nbytes["tf1_rmsprop"] == 6 * param_bytes
+    assert nbytes["im2col"] > 0 and nbytes["col2im"] > 0 and "unfold_backward" not in nbytes
     plain, fast = sum(counts["plain"].values()), sum(counts["fast"].values())
     assert fast <= 0.6 * plain, (fast, plain)
     # the consensus gradient is one seeded backward pass (game.vjp: no dot product, no concatenation of the
