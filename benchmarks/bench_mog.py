@@ -1,11 +1,13 @@
-"""MoG game step throughput: autograd vs the fused engine's two backends (issue 4, target 2).
+"""MoG game step throughput: autograd vs the fused engine's backends (issue 4, target 2).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_mog.py                 # CPU: S in {1, 8}
-    OMP_NUM_THREADS=1 python benchmarks/bench_mog.py --full-run      # + one 20k-step ConOpt run via mog.train
+    OMP_NUM_THREADS=1 python benchmarks/bench_mog.py --full-run      # + 20k-step ConOpt runs via mog.train
     python benchmarks/bench_mog.py --device cuda                     # + CUDA-graph variants (k steps/graph)
     python benchmarks/bench_mog.py --device cuda --train-check 64    # + fused vs triton-tf32 mog.train, 64 seeds
 
 Prints seed-steps/s (S seeds x steps per second) of one optimiser step including the minibatch draw.
+On the CPU the engines are "autograd" (numgan.optim), "fused" (numgan.mog_fused's batched products) and
+"native" (numgan.mog_native, compiled C); with OMP_NUM_THREADS=1 all of them use one core.
 On CUDA the graph rows cover backend "torch" (numgan.mog_fused's batched products, float32) and
 "triton" (numgan.mog_triton, one row per --triton-precisions entry, "precision[:tile[:warps[:split]]]");
 the "rel. error" column is the
@@ -39,7 +41,7 @@ def eager_step_fn(engine, method, S, device):
             return mog.game_losses(G, D, x_real, z, need_d=need_d, need_g=need_g)
 
         return lambda: opt.step(closure)
-    eng = mog_fused.FusedMoG(mog_fused.pack(G, D), method)
+    eng = mog_fused.FusedMoG(mog_fused.pack(G, D), method, backend="native" if engine == "native" else "torch")
 
     def step():
         x_real = mog.sample_real(S, B, generator=gen, device=device)
@@ -77,29 +79,34 @@ def main():
     ap.add_argument("--steps", type=int, default=50, help="steps per timed repeat (eager)")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--methods", nargs="*", default=["conopt", "simga"])
-    ap.add_argument("--engines", nargs="*", default=["autograd", "fused"])
+    ap.add_argument("--engines", nargs="*", help="default: autograd fused native on cpu, autograd fused on cuda")
     ap.add_argument("--graph-k", type=int, nargs="*", default=[1, 10, 50], help="steps per CUDA graph")
     ap.add_argument("--triton-precisions", nargs="*", default=["ieee", "tf32:32:4:16"],
                     help="numgan.mog_triton configurations to time on CUDA: precision[:tile[:warps[:split]]], "
                          "precision one of tf32, ieee, tf32x3")
     ap.add_argument("--train-check", type=int, default=0, metavar="S",
                     help="CUDA: train S seeds 20k ConOpt steps with engines fused and triton-tf32, compare modes")
-    ap.add_argument("--full-run", action="store_true", help="time one single-seed 20k-step ConOpt mog.train run")
+    ap.add_argument("--full-run", action="store_true",
+                    help="time single-seed 20k-step ConOpt mog.train runs (engines native and fused on the CPU)")
     ap.add_argument("--include-eager-full", action="store_true", help="also the autograd full run (~3 min)")
     ap.add_argument("--record", "--out", dest="record", action="store_true",
                     help="append the table to benchmarks/results/bench_mog-<device>.md")
     args = ap.parse_args()
     device = torch.device(args.device)
     seeds = args.seeds or ([1, 8] if device.type == "cpu" else [1, 64, 256, 1024])
+    engines = args.engines or (["autograd", "fused", "native"] if device.type == "cpu" else ["autograd", "fused"])
     rows = []
     for method in args.methods:
         for S in seeds:
-            for engine in args.engines:
+            for engine in engines:
                 fn = eager_step_fn(engine, method, S, device)
-                n = args.steps if engine == "fused" or S <= 8 else max(5, args.steps // 5)
+                n = args.steps if engine != "autograd" or S <= 8 else max(5, args.steps // 5)
                 t = timeit(lambda: [fn() for _ in range(n)], warmup=1, repeat=args.repeat, device=device) / n
+                err = None
+                if engine != "autograd" and method == "conopt":
+                    err = direction_error(S, device, "native" if engine == "native" else "torch", None)
                 rows.append(dict(method=method, engine=engine, variant="eager", S=S, ms_per_step=t * 1e3,
-                                 seed_steps_per_s=S / t))
+                                 seed_steps_per_s=S / t, rel_error=err))
                 print(rows[-1], flush=True)
             if device.type == "cuda":
                 backends = [("torch", None)] + [("triton", p) for p in args.triton_precisions]
@@ -135,7 +142,8 @@ def main():
         text += markdown_table(chk, list(chk[0]))
     if args.full_run:
         full = []
-        for engine in (["fused", "autograd"] if args.include_eager_full else ["fused"]):
+        full_engines = ["native", "fused"] if device.type == "cpu" else ["fused"]
+        for engine in full_engines + (["autograd"] if args.include_eager_full else []):
             t0 = time.perf_counter()
             r = mog.train("conopt", n_seeds=1, n_iters=20_000, engine=engine, device=device)
             sync(device)

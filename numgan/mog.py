@@ -15,11 +15,13 @@ all S runs exactly as S separate runs would (checked in tests/test_mog.py).
 ``train(engine=...)``: "autograd" runs the reference code above (EnsembleMLP + numgan.optim);
 "fused" runs numgan.mog_fused, the same computation with hand-derived gradients and Hessian-vector
 products in a flat parameter buffer (about 4x faster on a CPU, CUDA-graph capturable; issue 4);
-"triton" runs the same algebra, in float32, in numgan.mog_triton's on-chip kernels (CUDA only; ~2x "fused"
+"native" runs the same algebra compiled from C for the CPU (numgan.mog_native; about 2.3x "fused",
+built on first use with the system C compiler); "triton" runs the same algebra, in float32, in numgan.mog_triton's on-chip kernels (CUDA only; ~2x "fused"
 on an H100); "triton-tf32" the same kernels with TF32 products (~3x "fused", about 1e-2 relative error in
 each step's direction against float32's ~4e-5; benchmarks/results/bench_mog-cuda.md): a precision change,
 so it is opt-in and its runs are cached apart. "auto" picks "triton" on CUDA where Triton is installed,
-"fused" elsewhere, whenever they support the configuration.
+"native" on the CPU where a C compiler builds it, "fused" otherwise, whenever they support the
+configuration.
 """
 import functools
 import math
@@ -186,17 +188,20 @@ def field_for_seed(G: EnsembleMLP, D: EnsembleMLP, index: int, x_real: torch.Ten
     return flat_field(loss_g, loss_d, order(G), order(D))
 
 
-ENGINES = ("auto", "autograd", "fused", "triton", "triton-tf32")
-_FUSED_ENGINES = ("fused", "triton", "triton-tf32")  # numgan.mog_fused.FusedMoG with one of its backends
+ENGINES = ("auto", "autograd", "fused", "native", "triton", "triton-tf32")
+_FUSED_ENGINES = ("fused", "native", "triton", "triton-tf32")  # numgan.mog_fused.FusedMoG with one of its backends
+_BACKEND = {"fused": "torch", "native": "native", "triton": "triton", "triton-tf32": "triton"}
 
 
 def resolve_engine(engine: str, method: str, objective: str = "standard", device=None) -> str:
-    """The engine :func:`train` uses: "autograd", "fused", "triton" or "triton-tf32" (module docstring).
+    """The engine :func:`train` uses: "autograd", "fused", "native", "triton" or "triton-tf32" (module
+    docstring).
 
     "auto" gives, for the configurations numgan.mog_fused supports (methods simga / conopt, objective
-    standard, TF-1 RMSProp), "triton" when ``device`` is CUDA and Triton is importable, else "fused"; and
-    "autograd" otherwise. Asking for "fused" or a Triton engine with anything else raises ValueError; the
-    Triton engines also need a CUDA device (:func:`train` says so).
+    standard, TF-1 RMSProp), "triton" when ``device`` is CUDA and Triton is importable, "native" on the
+    CPU when numgan.mog_native builds, else "fused"; and "autograd" otherwise. Asking for a fused engine
+    with anything else raises ValueError; the Triton engines also need a CUDA device and "native" the CPU
+    and a C compiler (:func:`train` says so).
     """
     from . import mog_fused
 
@@ -212,7 +217,10 @@ def resolve_engine(engine: str, method: str, objective: str = "standard", device
             return "autograd"
         from . import mog_triton
         on_cuda = device is not None and torch.device(device).type == "cuda"
-        return "triton" if on_cuda and mog_triton.available() else "fused"
+        if on_cuda:
+            return "triton" if mog_triton.available() else "fused"
+        from . import mog_native
+        return "native" if mog_native.available() else "fused"
     return engine
 
 
@@ -249,7 +257,7 @@ def train(method: str = "conopt", n_seeds: int = 1, n_iters: int = 20_000, seed:
     ``modes`` / ``hq`` [K, S], ``log_iters`` [L], ``loss_d`` / ``loss_g`` [L, S], ``diverged_at`` [S],
     ``real`` [N, 2] (target samples drawn the same way), and ``seconds`` (training wall-clock).
 
-    ``engine`` ("auto", "autograd", "fused", "triton" or "triton-tf32", see :func:`resolve_engine`) only
+    ``engine`` ("auto", "autograd", "fused", "native", "triton" or "triton-tf32", see :func:`resolve_engine`) only
     changes how the step is computed: all engines draw the same minibatches in the same order and compute
     the same update (equal up to float rounding; "triton-tf32" with TF32 products), and their checkpoints
     are interchangeable.
@@ -263,6 +271,8 @@ def train(method: str = "conopt", n_seeds: int = 1, n_iters: int = 20_000, seed:
     engine = resolve_engine(engine, method, objective, device)
     if engine.startswith("triton") and device.type != "cuda":
         raise ValueError(f"engine={engine!r} runs on CUDA, got device={device}; use engine='fused' (or 'auto')")
+    if engine == "native" and device.type != "cpu":
+        raise ValueError(f"engine='native' runs on the CPU, got device={device}; use engine='triton' (or 'auto')")
     G, D = make_models(n_seeds, seed, device)
     optimizers = []
 
@@ -297,7 +307,7 @@ def train(method: str = "conopt", n_seeds: int = 1, n_iters: int = 20_000, seed:
         if engine == "triton-tf32":
             from .mog_triton import TF32_OPTIONS as options
         fused = mog_fused.FusedMoG(mog_fused.pack(G, D), method, gamma=gamma, lr=lr,
-                                   backend="torch" if engine == "fused" else "triton", triton_options=options)
+                                   backend=_BACKEND[engine], triton_options=options)
         if optimizers:   # resumed; a fresh optimiser has no state and the engine starts from the same
             mog_fused.load_rmsprop_state(fused, optimizers[0], G, D)
 
@@ -391,7 +401,7 @@ def run(method: str, n_seeds: int = 1, n_iters: int = 20_000, seed: int = 0, lr:
     """:func:`train` through the run cache (group ``mog``), checkpointing into the run directory.
 
     Figures 2 and 3 call this with the same configuration and so share one run (spec table 4a, M-con).
-    Neither the device nor the float32 ``engine`` ("autograd", "fused", "triton") is part of the cache key:
+    Neither the device nor the float32 ``engine`` ("autograd", "fused", "native", "triton") is part of the cache key:
     they compute the same function (same draws, same updates up to float rounding) and resume each other's
     checkpoints. "triton-tf32" computes with TF32 products, so its runs are cached apart (``precision`` key).
     """

@@ -54,7 +54,8 @@ D_LAYERS, N_PARAMS = _layout(D_DIMS, N_G)
 N_D = N_PARAMS - N_G
 N_LAYERS = len(G_LAYERS)  # 5 for both networks
 SUPPORTED_METHODS = ("simga", "conopt")
-BACKENDS = ("torch", "triton")  # FusedMoG: these batched-matmul steps, or numgan.mog_triton's kernels
+BACKENDS = ("torch", "triton", "native")  # FusedMoG: these batched-matmul steps, numgan.mog_triton's CUDA
+# kernels, or numgan.mog_native's compiled CPU step
 SUPPORTED_OBJECTIVES = ("standard",)
 
 _thr_bwd = torch.ops.aten.threshold_backward
@@ -548,8 +549,9 @@ class FusedMoG:
     ``params`` and ``square_avg`` are plain tensors that the step updates in place. ``backend`` "torch"
     computes the direction with the batched matrix products of this module; "triton" with the on-chip
     kernels of numgan.mog_triton (CUDA, float32; ``triton_options`` are passed to
-    ``mog_triton.direction``: precision, tile, split, num_warps, reload). Both compute the same function
-    (with the default float32 precision).
+    ``mog_triton.direction``: precision, tile, split, num_warps, reload); "native" with the compiled C
+    step of numgan.mog_native (CPU, float32 or float64; the whole step, update included, is one call).
+    All compute the same function (with the default float32 precision).
     """
 
     def __init__(self, params: Tensor, method: str = "conopt", gamma: float = 10.0, lr: float = 1e-4,
@@ -574,6 +576,16 @@ class FusedMoG:
                 raise ValueError("backend='triton' needs Triton (shipped with the Linux CUDA wheels of torch); "
                                  "use backend='torch'")
             mog_triton.check_engine(self.params, self.triton_options)
+        if backend == "native":
+            from . import mog_native
+            if self.params.device.type != "cpu":
+                raise ValueError(f"backend='native' runs on the CPU, got parameters on {self.params.device}; "
+                                 "use backend='triton' or 'torch' on CUDA")
+            if self.params.dtype not in mog_native.DTYPES:
+                raise ValueError(f"backend='native' computes in float32 or float64, got {self.params.dtype}")
+            reason = mog_native.unavailable_reason(self.params.dtype)
+            if reason is not None:
+                raise ValueError(f"backend='native' is unavailable here: {reason}")
 
     @property
     def n_seeds(self) -> int:
@@ -584,6 +596,13 @@ class FusedMoG:
         from . import mog_triton
         if self._plan is None:
             self._plan = mog_triton.Workspace(self.params)
+        return self._plan
+
+    def _native_workspace(self, S: int, B: int):
+        """The native backend's scratch memory (numgan.mog_native.Workspace), remade when B changes."""
+        from . import mog_native
+        if self._plan is None or not self._plan.fits(S, B, self.params.dtype):
+            self._plan = mog_native.Workspace(S, B, self.params.dtype)
         return self._plan
 
     def _check_batch(self, x_real: Tensor, z: Tensor) -> None:
@@ -601,6 +620,11 @@ class FusedMoG:
         S, B = x_real.shape[0], x_real.shape[1]
         self._check_batch(x_real, z)
         gamma = self.gamma if self.method == "conopt" else None
+        if self.backend == "native":
+            from . import mog_native
+            g, ls = mog_native.direction(self.params, x_real.contiguous(), z.contiguous(), gamma,
+                                         workspace=self._native_workspace(S, B))
+            return g, ((ls[:, 0].clone(), ls[:, 1].clone()) if losses else None)
         if self.backend == "triton":
             from . import mog_triton
             g, ls = mog_triton.direction(self.params, x_real.contiguous(), z.contiguous(), gamma,
@@ -625,6 +649,14 @@ class FusedMoG:
     def _step(self, x_real: Tensor, z: Tensor, losses: bool = True):
         """:meth:`step`, returning the losses as views of internal buffers (overwritten by the next step;
         None for the torch backend with ``losses=False``)."""
+        if self.backend == "native":
+            from . import mog_native
+            self._check_batch(x_real, z)
+            S, B = x_real.shape[0], x_real.shape[1]
+            ls = mog_native.step(self.params, self.square_avg, x_real.contiguous(), z.contiguous(),
+                                 self.gamma if self.method == "conopt" else None, self.lr, self.decay, self.eps,
+                                 workspace=self._native_workspace(S, B))
+            return ls[:, 0], ls[:, 1]
         if self._fused_update():
             from . import mog_triton
             self._check_batch(x_real, z)

@@ -101,8 +101,10 @@ def test_bad_input_gets_clear_errors():
             mog.train("conopt", n_iters=2, engine=engine, device="cpu")
     with pytest.raises(ValueError, match="triton MoG engine supports"):
         mog.resolve_engine("triton", "altga")
-    assert mog.resolve_engine("auto", "conopt") == "fused"
-    assert mog.resolve_engine("auto", "conopt", device="cpu") == "fused"
+    from numgan import mog_native
+    cpu_engine = "native" if mog_native.available() else "fused"
+    assert mog.resolve_engine("auto", "conopt") == cpu_engine
+    assert mog.resolve_engine("auto", "conopt", device="cpu") == cpu_engine
     assert mog.resolve_engine("auto", "conopt", device="cuda") == ("triton" if mt.available() else "fused")
     assert mog.resolve_engine("auto", "altga", device="cuda") == "autograd"
     x, xr, z = _case(2, 64)
@@ -132,10 +134,10 @@ def test_triton_runs_are_cached_apart(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(runs, "cached", lambda group, name, cfg, fn, force=False: seen.append(dict(cfg)) or {})
     monkeypatch.setattr(mog, "resolve_engine", lambda engine, method, objective="standard", device=None: engine)
-    for engine in ("fused", "triton", "triton-tf32"):
+    for engine in ("fused", "triton", "native", "triton-tf32"):
         mog.run("conopt", n_iters=10, engine=engine)
-    assert runs.config_key(seen[0]) == runs.config_key(seen[1])
-    assert seen[2]["precision"] == "tf32" and runs.config_key(seen[0]) != runs.config_key(seen[2])
+    assert runs.config_key(seen[0]) == runs.config_key(seen[1]) == runs.config_key(seen[2])
+    assert seen[3]["precision"] == "tf32" and runs.config_key(seen[0]) != runs.config_key(seen[3])
 
 
 @pytest.mark.slow

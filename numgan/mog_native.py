@@ -1,0 +1,275 @@
+"""The MoG SimGA / ConOpt step compiled for the CPU (paper Sec. 5, Alg. 1-2, Eq. 16-17; issue 4).
+
+numgan.mog_fused computes the MoG direction u + gamma J_u^T u with ~100 small batched matrix products.
+On a CPU most of their time is the per-call cost of tiny products (16 x 16 weights), not arithmetic.
+``mog_native.c`` does the same algebra row by row in portable C. Each 16-wide layer row is one vector
+of the compiler's vector extensions. Products are register-blocked and fused with bias, ReLU and mask.
+The narrow layers cost what they compute, and the whole TF-1 RMSProp step is one call. See the C file's
+header for what differs from mog_fused; the values are the same up to float rounding (tests/test_mog_native.py
+compares it with mog_fused and autograd in float64).
+
+The C file is compiled on first use with the system C compiler (``$CC``, else ``cc``, ``gcc`` or
+``clang``), with ``-O3 -march=native`` where the compiler accepts it. The shared library is cached in
+``$NUMGAN_NATIVE_CACHE`` (default ``~/.cache/numgan/native``), keyed by the source, the flags, the
+compiler and the CPU, and written atomically. Without a compiler :func:`available` is False and
+:func:`unavailable_reason` says why; numgan.mog's "auto" engine then uses mog_fused, while asking for
+``engine="native"`` raises an error that says how to fix it.
+
+Several seeds run in parallel threads (ctypes releases the GIL): ``threads`` defaults to
+``torch.get_num_threads()``, at most one per seed.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .mog_fused import N_PARAMS, X_DIM, Z_DIM
+
+SOURCE = Path(__file__).with_name("mog_native.c")
+DTYPES = {torch.float32: "float", torch.float64: "double"}
+_BASE_FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=fast", "-Wno-psabi"]
+_TUNE_FLAGS = (["-march=native"], ["-mcpu=native"], [])  # the first the compiler accepts
+
+_lock = threading.Lock()
+_libs: dict = {}
+_failures: dict = {}
+
+
+class NativeUnavailable(RuntimeError):
+    """The C engine cannot be built or loaded here (no C compiler, or it failed); the message says why."""
+
+
+def compiler() -> Optional[str]:
+    """The C compiler used: ``$CC`` if set, else the first of cc, gcc, clang on PATH (None if none)."""
+    if os.environ.get("CC"):
+        return shutil.which(os.environ["CC"]) or os.environ["CC"]
+    for name in ("cc", "gcc", "clang"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def cache_dir() -> Path:
+    """Where compiled libraries are kept: ``$NUMGAN_NATIVE_CACHE`` or ``~/.cache/numgan/native``."""
+    if os.environ.get("NUMGAN_NATIVE_CACHE"):
+        return Path(os.environ["NUMGAN_NATIVE_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "numgan" / "native"
+
+
+def _cpu_identity() -> str:
+    ident = [platform.machine(), platform.processor()]
+    try:  # -march=native code is only valid on the CPU it was built for
+        with open("/proc/cpuinfo") as f:
+            seen = set()
+            for line in f:
+                key = line.split(":", 1)[0].strip()
+                if key in ("model name", "flags", "Features", "CPU part") and key not in seen:
+                    seen.add(key)
+                    ident.append(line.strip())
+    except OSError:
+        pass
+    return "\n".join(ident)
+
+
+def _compiler_version(cc: str) -> str:
+    try:
+        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _build(dtype: torch.dtype) -> Path:
+    cc = compiler()
+    if cc is None:
+        raise NativeUnavailable("no C compiler found (looked for $CC, cc, gcc, clang); install one "
+                                "(e.g. `apt install gcc`, `xcode-select --install`) or use engine='fused'")
+    real = DTYPES[dtype]
+    defines = [f"-DREAL={real}"] + (["-DREAL_IS_DOUBLE"] if real == "double" else [])
+    src = SOURCE.read_bytes()
+    out_dir = cache_dir()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise NativeUnavailable(f"cannot create the build cache {out_dir} ({e}); set NUMGAN_NATIVE_CACHE "
+                                "to a writable folder") from e
+    errors = []
+    version, cpu = _compiler_version(cc), _cpu_identity()
+    for tune in _TUNE_FLAGS:
+        flags = _BASE_FLAGS + tune + defines
+        key = hashlib.sha256(b"\0".join([src, " ".join(flags).encode(), cc.encode(), version.encode(),
+                                         cpu.encode()])).hexdigest()[:16]
+        lib = out_dir / f"mog_native-{real}-{key}.so"
+        if lib.exists():
+            return lib
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+        os.close(fd)
+        try:
+            res = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+                                 timeout=300)
+            if res.returncode == 0:
+                os.replace(tmp, lib)  # atomic: a concurrent build of the same key writes the same file
+                return lib
+            errors.append(f"{' '.join(tune) or '(no tuning flag)'}: {res.stderr.strip()[-2000:]}")
+        except (OSError, subprocess.SubprocessError) as e:
+            errors.append(f"{' '.join(tune) or '(no tuning flag)'}: {e}")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise NativeUnavailable(f"compiling {SOURCE.name} with {cc} failed:\n" + "\n".join(errors))
+
+
+def library(dtype: torch.dtype = torch.float32) -> ctypes.CDLL:
+    """The compiled engine for ``dtype`` (float32 or float64), built on first use; NativeUnavailable if it
+    cannot be built (the error is remembered, so a failing build is tried once per process)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"the native MoG engine computes in float32 or float64, got {dtype}")
+    with _lock:
+        if dtype in _libs:
+            return _libs[dtype]
+        if dtype in _failures:
+            raise NativeUnavailable(_failures[dtype])
+        try:
+            lib = ctypes.CDLL(str(_build(dtype)))
+        except NativeUnavailable as e:
+            _failures[dtype] = str(e)
+            raise
+        except OSError as e:
+            _failures[dtype] = f"loading the compiled MoG engine failed: {e}"
+            raise NativeUnavailable(_failures[dtype]) from e
+        real = ctypes.c_float if dtype == torch.float32 else ctypes.c_double
+        p, i = ctypes.c_void_p, ctypes.c_int
+        lib.mog_work_bytes.argtypes, lib.mog_work_bytes.restype = [i], ctypes.c_size_t
+        lib.mog_direction.argtypes = [i, i, p, p, p, real, p, p, p]
+        lib.mog_direction.restype = None
+        lib.mog_step.argtypes = [i, i, p, p, p, p, real, real, real, real, p, p, p]
+        lib.mog_step.restype = None
+        _libs[dtype] = lib
+        return lib
+
+
+def available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the C engine can be used here (builds it on first call)."""
+    try:
+        library(dtype)
+        return True
+    except NativeUnavailable:
+        return False
+
+
+def unavailable_reason(dtype: torch.dtype = torch.float32) -> Optional[str]:
+    """Why :func:`available` is False (None when it is True)."""
+    try:
+        library(dtype)
+        return None
+    except NativeUnavailable as e:
+        return str(e)
+
+
+def _check(params: Tensor, x_real: Tensor, z: Tensor, extra=()) -> None:
+    for name, t in (("params", params), ("x_real", x_real), ("z", z)) + tuple(extra):
+        if t.device.type != "cpu":
+            raise ValueError(f"the native MoG engine runs on the CPU; {name} is on {t.device}")
+        if t.dtype != params.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype}, params {params.dtype}; they must match")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    if params.dtype not in DTYPES:
+        raise ValueError(f"the native MoG engine computes in float32 or float64, got {params.dtype}")
+    if params.dim() != 2 or params.shape[1] != N_PARAMS:
+        raise ValueError(f"params must be [S, {N_PARAMS}] (numgan.mog_fused.pack), got {tuple(params.shape)}")
+    S = params.shape[0]
+    if x_real.dim() != 3 or x_real.shape[0] != S or x_real.shape[2] != X_DIM or x_real.shape[1] < 1:
+        raise ValueError(f"x_real must be [S={S}, B, {X_DIM}], got {tuple(x_real.shape)}")
+    if z.shape != (S, x_real.shape[1], Z_DIM):
+        raise ValueError(f"z must be [S={S}, B={x_real.shape[1]}, {Z_DIM}], got {tuple(z.shape)}")
+    for name, t in extra:
+        if t.shape != params.shape:
+            raise ValueError(f"{name} must have the shape of params {tuple(params.shape)}, got {tuple(t.shape)}")
+
+
+class Workspace:
+    """Scratch memory and outputs of the C engine for S seeds at batch size B (reused across steps)."""
+
+    def __init__(self, S: int, B: int, dtype: torch.dtype, threads: Optional[int] = None):
+        self.lib = library(dtype)
+        self.S, self.B, self.dtype = S, B, dtype
+        n = max(1, min(S, threads if threads is not None else torch.get_num_threads()))
+        bounds = [S * i // n for i in range(n + 1)]
+        self.slices = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        nbytes = self.lib.mog_work_bytes(B)
+        self.scratch = [torch.empty(nbytes, dtype=torch.uint8) for _ in self.slices]
+        self.grad = torch.empty(S, N_PARAMS, dtype=dtype)
+        self.losses = torch.empty(S, 2, dtype=dtype)
+        self._pool = ThreadPoolExecutor(len(self.slices)) if len(self.slices) > 1 else None
+
+    def fits(self, S: int, B: int, dtype: torch.dtype) -> bool:
+        return (self.S, self.B, self.dtype) == (S, B, dtype)
+
+    def run(self, fn) -> None:
+        """fn(lo, hi, scratch) for each slice of seeds, in parallel threads when there are several."""
+        if self._pool is None:
+            fn(*self.slices[0], self.scratch[0])
+            return
+        for f in [self._pool.submit(fn, a, b, w) for (a, b), w in zip(self.slices, self.scratch)]:
+            f.result()
+
+
+def _ptr(t: Tensor, row: int = 0) -> int:
+    return t.data_ptr() + row * t.stride(0) * t.element_size()
+
+
+def direction(params: Tensor, x_real: Tensor, z: Tensor, gamma: Optional[float],
+              workspace: Optional[Workspace] = None) -> tuple[Tensor, Tensor]:
+    """(direction [S, 2003], losses [S, 2] = (L_D, L_G)) of one minibatch, objective ``standard``.
+
+    The direction is u = (grad_theta L_G, grad_phi L_D) for ``gamma=None`` (SimGA) and u + gamma J_u^T u
+    for ConOpt, as numgan.mog_fused.conopt_direction. Both outputs live in the workspace (overwritten by
+    the next call with it).
+    """
+    _check(params, x_real, z)
+    S, B = x_real.shape[0], x_real.shape[1]
+    ws = workspace if workspace is not None and workspace.fits(S, B, params.dtype) else Workspace(S, B, params.dtype)
+    g = -1.0 if gamma is None else float(gamma)
+    if g < 0 and gamma is not None:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+
+    def part(a, b, scratch):
+        ws.lib.mog_direction(b - a, B, _ptr(params, a), _ptr(x_real, a), _ptr(z, a), g, _ptr(ws.grad, a),
+                             _ptr(ws.losses, a), scratch.data_ptr())
+
+    ws.run(part)
+    return ws.grad, ws.losses
+
+
+def step(params: Tensor, square_avg: Tensor, x_real: Tensor, z: Tensor, gamma: Optional[float], lr: float,
+         decay: float, eps: float, workspace: Optional[Workspace] = None) -> Tensor:
+    """One SimGA (``gamma=None``) or ConOpt game step with TF-1 RMSProp (spec 1.3), in place on ``params``
+    and ``square_avg`` [S, 2003]: g = :func:`direction`; ms <- decay ms + (1 - decay) g^2;
+    params <- params - lr g / sqrt(ms + eps). Returns the minibatch losses [S, 2] (a workspace buffer)."""
+    _check(params, x_real, z, extra=(("square_avg", square_avg),))
+    S, B = x_real.shape[0], x_real.shape[1]
+    ws = workspace if workspace is not None and workspace.fits(S, B, params.dtype) else Workspace(S, B, params.dtype)
+    g = -1.0 if gamma is None else float(gamma)
+    if g < 0 and gamma is not None:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+
+    def part(a, b, scratch):
+        ws.lib.mog_step(b - a, B, _ptr(params, a), _ptr(square_avg, a), _ptr(x_real, a), _ptr(z, a), g, lr,
+                        decay, eps, _ptr(ws.grad, a), _ptr(ws.losses, a), scratch.data_ptr())
+
+    ws.run(part)
+    return ws.losses
