@@ -216,11 +216,13 @@ def resolve_engine(engine: str, method: str, objective: str = "standard", device
         if not ok:
             return "autograd"
         from . import mog_triton
-        on_cuda = device is not None and torch.device(device).type == "cuda"
-        if on_cuda:
+        kind = "cpu" if device is None else torch.device(device).type
+        if kind == "cuda":
             return "triton" if mog_triton.available() else "fused"
-        from . import mog_native
-        return "native" if mog_native.available() else "fused"
+        if kind == "cpu":
+            from . import mog_native
+            return "native" if mog_native.available() else "fused"
+        return "fused"  # other devices (mps, xpu, ...): the batched-product engine
     return engine
 
 

@@ -23,10 +23,10 @@
  * Flat layout (numgan.mog_fused): per seed 2003 numbers, G's layers then D's, each layer a row-major
  * [in + 1, out] block P = [W; b].
  */
-#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <tgmath.h> /* sqrt, exp, log1p, fabs in the precision of REAL */
 
 #ifndef REAL
 #define REAL float
@@ -45,7 +45,7 @@ typedef REAL real;
 #endif
 #define VW ((int)(VBYTES / sizeof(real)))
 #define NV (L / VW)
-typedef real vn __attribute__((vector_size(VBYTES)));
+typedef real vn __attribute__((vector_size(VBYTES), may_alias));
 #if defined(REAL_IS_DOUBLE)
 typedef int64_t ivn __attribute__((vector_size(VBYTES)));
 #else
@@ -72,7 +72,9 @@ static inline vn vzero(void) { vn z = {0}; return z; }
 /* keep x where m > 0, else 0 (the ReLU mask; m is the layer's activation relu(h), > 0 iff h > 0) */
 static inline vn vmask(vn x, vn m) { return (vn)((ivn)x & (ivn)(m > vzero())); }
 
-/* relu: x < 0 -> 0; NaN stays NaN (a diverging run must show up in its losses) */
+/* relu: x < 0 -> 0; NaN stays NaN (a diverging run must show up in its losses). The masks of the backward
+ * passes are bitwise (a NaN delta where the mask is 0 becomes 0, where torch's multiply keeps NaN): only
+ * after divergence, whose NaN logits and losses are the same. */
 static inline vn vrelu(vn x) { return (vn)((ivn)x & ~(ivn)(x < vzero())); }
 
 static inline real hsum(vn x) {
@@ -525,14 +527,15 @@ void mog_direction(int S, int B, const real *params, const real *x_real, const r
 
 /* S seeds' game step with TF-1 RMSProp (spec 1.3), in place:
  *   g = direction; ms <- decay ms + (1 - decay) g^2; params <- params - lr g / sqrt(ms + eps).
- * grad [S, 2003] receives the directions. */
+ * one_minus_decay = 1 - decay rounded once from double (as torch's addcmul_ value); grad [S, 2003]
+ * receives the directions. */
 void mog_step(int S, int B, real *params, real *square_avg, const real *x_real, const real *z, real gamma,
-              real lr, real decay, real eps, real *grad, real *losses, void *workspace) {
+              real lr, real decay, real one_minus_decay, real eps, real *grad, real *losses, void *workspace) {
     mog_direction(S, B, params, x_real, z, gamma, grad, losses, workspace);
     size_t n = (size_t)S * NP;
     for (size_t i = 0; i < n; i++) {
         real g = grad[i];
-        real ms = square_avg[i] * decay + g * g * (1 - decay);
+        real ms = square_avg[i] * decay + g * g * one_minus_decay;
         square_avg[i] = ms;
         params[i] -= lr * g / sqrt(ms + eps);
     }

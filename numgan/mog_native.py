@@ -24,6 +24,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -51,14 +52,15 @@ class NativeUnavailable(RuntimeError):
     """The C engine cannot be built or loaded here (no C compiler, or it failed); the message says why."""
 
 
-def compiler() -> Optional[str]:
-    """The C compiler used: ``$CC`` if set, else the first of cc, gcc, clang on PATH (None if none)."""
-    if os.environ.get("CC"):
-        return shutil.which(os.environ["CC"]) or os.environ["CC"]
+def compiler() -> Optional[list]:
+    """The C compiler command: ``$CC`` if set (split like a shell would: "ccache gcc" works), else the first of
+    cc, gcc, clang on PATH; None if there is none."""
+    if os.environ.get("CC", "").strip():
+        return shlex.split(os.environ["CC"])
     for name in ("cc", "gcc", "clang"):
         path = shutil.which(name)
         if path:
-            return path
+            return [path]
     return None
 
 
@@ -81,18 +83,23 @@ def _cpu_identity() -> str:
                     seen.add(key)
                     ident.append(line.strip())
     except OSError:
-        pass
+        try:  # macOS
+            ident.append(subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
+                                        text=True, timeout=10).stdout.strip())
+        except (OSError, subprocess.SubprocessError):
+            pass
     return "\n".join(ident)
 
 
-def _compiler_version(cc: str) -> str:
+def _compiler_version(cc: list) -> str:
     try:
-        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        return subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return ""
 
 
 def _build(dtype: torch.dtype) -> Path:
+    """The compiled library for ``dtype``: from the cache, else built (flags tried in order of _TUNE_FLAGS)."""
     cc = compiler()
     if cc is None:
         raise NativeUnavailable("no C compiler found (looked for $CC, cc, gcc, clang); install one "
@@ -101,24 +108,28 @@ def _build(dtype: torch.dtype) -> Path:
     defines = [f"-DREAL={real}"] + (["-DREAL_IS_DOUBLE"] if real == "double" else [])
     src = SOURCE.read_bytes()
     out_dir = cache_dir()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise NativeUnavailable(f"cannot create the build cache {out_dir} ({e}); set NUMGAN_NATIVE_CACHE "
-                                "to a writable folder") from e
-    errors = []
     version, cpu = _compiler_version(cc), _cpu_identity()
+    candidates = []
     for tune in _TUNE_FLAGS:
         flags = _BASE_FLAGS + tune + defines
-        key = hashlib.sha256(b"\0".join([src, " ".join(flags).encode(), cc.encode(), version.encode(),
+        key = hashlib.sha256(b"\0".join([src, " ".join(flags).encode(), " ".join(cc).encode(), version.encode(),
                                          cpu.encode()])).hexdigest()[:16]
-        lib = out_dir / f"mog_native-{real}-{key}.so"
+        candidates.append((tune, flags, out_dir / f"mog_native-{real}-{key}.so"))
+    for _, _, lib in candidates:  # built before (possibly with a later flag set: don't retry failing flags)
         if lib.exists():
             return lib
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-        os.close(fd)
+    errors = []
+    for tune, flags, lib in candidates:
+        tmp = None
         try:
-            res = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+            out_dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+            os.close(fd)
+        except OSError as e:
+            raise NativeUnavailable(f"cannot write to the build cache {out_dir} ({e}); set NUMGAN_NATIVE_CACHE "
+                                    "to a writable folder") from e
+        try:
+            res = subprocess.run([*cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
                                  timeout=300)
             if res.returncode == 0:
                 os.replace(tmp, lib)  # atomic: a concurrent build of the same key writes the same file
@@ -129,7 +140,7 @@ def _build(dtype: torch.dtype) -> Path:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    raise NativeUnavailable(f"compiling {SOURCE.name} with {cc} failed:\n" + "\n".join(errors))
+    raise NativeUnavailable(f"compiling {SOURCE.name} with {' '.join(cc)} failed:\n" + "\n".join(errors))
 
 
 def library(dtype: torch.dtype = torch.float32) -> ctypes.CDLL:
@@ -155,7 +166,7 @@ def library(dtype: torch.dtype = torch.float32) -> ctypes.CDLL:
         lib.mog_work_bytes.argtypes, lib.mog_work_bytes.restype = [i], ctypes.c_size_t
         lib.mog_direction.argtypes = [i, i, p, p, p, real, p, p, p]
         lib.mog_direction.restype = None
-        lib.mog_step.argtypes = [i, i, p, p, p, p, real, real, real, real, p, p, p]
+        lib.mog_step.argtypes = [i, i, p, p, p, p, real, real, real, real, real, p, p, p]
         lib.mog_step.restype = None
         _libs[dtype] = lib
         return lib
@@ -189,8 +200,8 @@ def _check(params: Tensor, x_real: Tensor, z: Tensor, extra=()) -> None:
             raise ValueError(f"{name} must be contiguous")
     if params.dtype not in DTYPES:
         raise ValueError(f"the native MoG engine computes in float32 or float64, got {params.dtype}")
-    if params.dim() != 2 or params.shape[1] != N_PARAMS:
-        raise ValueError(f"params must be [S, {N_PARAMS}] (numgan.mog_fused.pack), got {tuple(params.shape)}")
+    if params.dim() != 2 or params.shape[1] != N_PARAMS or params.shape[0] < 1:
+        raise ValueError(f"params must be [S >= 1, {N_PARAMS}] (numgan.mog_fused.pack), got {tuple(params.shape)}")
     S = params.shape[0]
     if x_real.dim() != 3 or x_real.shape[0] != S or x_real.shape[2] != X_DIM or x_real.shape[1] < 1:
         raise ValueError(f"x_real must be [S={S}, B, {X_DIM}], got {tuple(x_real.shape)}")
@@ -238,11 +249,11 @@ def direction(params: Tensor, x_real: Tensor, z: Tensor, gamma: Optional[float],
 
     The direction is u = (grad_theta L_G, grad_phi L_D) for ``gamma=None`` (SimGA) and u + gamma J_u^T u
     for ConOpt, as numgan.mog_fused.conopt_direction. Both outputs live in the workspace (overwritten by
-    the next call with it).
+    the next call with it); without one, a single-threaded workspace is made for this call.
     """
     _check(params, x_real, z)
     S, B = x_real.shape[0], x_real.shape[1]
-    ws = workspace if workspace is not None and workspace.fits(S, B, params.dtype) else Workspace(S, B, params.dtype)
+    ws = workspace if workspace is not None and workspace.fits(S, B, params.dtype) else Workspace(S, B, params.dtype, 1)
     g = -1.0 if gamma is None else float(gamma)
     if g < 0 and gamma is not None:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
@@ -262,14 +273,15 @@ def step(params: Tensor, square_avg: Tensor, x_real: Tensor, z: Tensor, gamma: O
     params <- params - lr g / sqrt(ms + eps). Returns the minibatch losses [S, 2] (a workspace buffer)."""
     _check(params, x_real, z, extra=(("square_avg", square_avg),))
     S, B = x_real.shape[0], x_real.shape[1]
-    ws = workspace if workspace is not None and workspace.fits(S, B, params.dtype) else Workspace(S, B, params.dtype)
+    ws = workspace if workspace is not None and workspace.fits(S, B, params.dtype) else Workspace(S, B, params.dtype, 1)
     g = -1.0 if gamma is None else float(gamma)
     if g < 0 and gamma is not None:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
 
     def part(a, b, scratch):
+        # 1 - decay computed in double, as torch's addcmul_(value=1 - decay) does (in float: 0.100000024)
         ws.lib.mog_step(b - a, B, _ptr(params, a), _ptr(square_avg, a), _ptr(x_real, a), _ptr(z, a), g, lr,
-                        decay, eps, _ptr(ws.grad, a), _ptr(ws.losses, a), scratch.data_ptr())
+                        decay, 1.0 - decay, eps, _ptr(ws.grad, a), _ptr(ws.losses, a), scratch.data_ptr())
 
     ws.run(part)
     return ws.losses
