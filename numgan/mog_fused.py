@@ -648,15 +648,15 @@ class FusedMoG:
 
     def _step(self, x_real: Tensor, z: Tensor, losses: bool = True):
         """:meth:`step`, returning the losses as views of internal buffers (overwritten by the next step;
-        None for the torch backend with ``losses=False``)."""
+        None for the torch and native backends with ``losses=False``)."""
         if self.backend == "native":
             from . import mog_native
             self._check_batch(x_real, z)
             S, B = x_real.shape[0], x_real.shape[1]
             ls = mog_native.step(self.params, self.square_avg, x_real.contiguous(), z.contiguous(),
                                  self.gamma if self.method == "conopt" else None, self.lr, self.decay, self.eps,
-                                 workspace=self._native_workspace(S, B))
-            return ls[:, 0], ls[:, 1]
+                                 workspace=self._native_workspace(S, B), losses=losses)
+            return (ls[:, 0], ls[:, 1]) if losses else None
         if self._fused_update():
             from . import mog_triton
             self._check_batch(x_real, z)

@@ -267,10 +267,11 @@ def direction(params: Tensor, x_real: Tensor, z: Tensor, gamma: Optional[float],
 
 
 def step(params: Tensor, square_avg: Tensor, x_real: Tensor, z: Tensor, gamma: Optional[float], lr: float,
-         decay: float, eps: float, workspace: Optional[Workspace] = None) -> Tensor:
+         decay: float, eps: float, workspace: Optional[Workspace] = None, losses: bool = True) -> Optional[Tensor]:
     """One SimGA (``gamma=None``) or ConOpt game step with TF-1 RMSProp (spec 1.3), in place on ``params``
     and ``square_avg`` [S, 2003]: g = :func:`direction`; ms <- decay ms + (1 - decay) g^2;
-    params <- params - lr g / sqrt(ms + eps). Returns the minibatch losses [S, 2] (a workspace buffer)."""
+    params <- params - lr g / sqrt(ms + eps). Returns the minibatch losses [S, 2] (a workspace buffer), or
+    None with ``losses=False``, which skips computing them."""
     _check(params, x_real, z, extra=(("square_avg", square_avg),))
     S, B = x_real.shape[0], x_real.shape[1]
     ws = workspace if workspace is not None and workspace.fits(S, B, params.dtype) else Workspace(S, B, params.dtype, 1)
@@ -281,7 +282,8 @@ def step(params: Tensor, square_avg: Tensor, x_real: Tensor, z: Tensor, gamma: O
     def part(a, b, scratch):
         # 1 - decay computed in double, as torch's addcmul_(value=1 - decay) does (in float: 0.100000024)
         ws.lib.mog_step(b - a, B, _ptr(params, a), _ptr(square_avg, a), _ptr(x_real, a), _ptr(z, a), g, lr,
-                        decay, 1.0 - decay, eps, _ptr(ws.grad, a), _ptr(ws.losses, a), scratch.data_ptr())
+                        decay, 1.0 - decay, eps, _ptr(ws.grad, a), _ptr(ws.losses, a) if losses else None,
+                        scratch.data_ptr())
 
     ws.run(part)
-    return ws.losses
+    return ws.losses if losses else None

@@ -202,3 +202,13 @@ def test_the_build_is_cached_by_source_and_reused(tmp_path, monkeypatch):
     assert mn._build(torch.float32) == first and first.stat().st_mtime_ns == stamp  # not rebuilt
     assert mn._build(torch.float64) != first
     assert not [p for p in tmp_path.iterdir() if not p.name.startswith("mog_native-")]  # no temp files left
+
+
+def test_step_without_losses_updates_the_same():
+    x, xr, z = _random_case(2, 40, dtype=torch.float32, seed=3)
+    a, b = x.clone(), x.clone()
+    sa, sb = torch.ones_like(x), torch.ones_like(x)
+    ls = mn.step(a, sa, xr, z, 10.0, 1e-3, 0.9, 1e-10)
+    assert ls.shape == (2, 2) and torch.isfinite(ls).all()
+    assert mn.step(b, sb, xr, z, 10.0, 1e-3, 0.9, 1e-10, losses=False) is None
+    assert torch.equal(a, b) and torch.equal(sa, sb) and not torch.equal(a, x)
