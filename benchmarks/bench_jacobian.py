@@ -1,7 +1,9 @@
 """The exact 2003 x 2003 MoG game Jacobian: numgan.spectrum.jacobian (jacrev, chunk 128) vs the fused
-Hessian-vector products of numgan.mog_fused (issue 4, target 3).
+Hessian-vector products of numgan.mog_fused and, on the CPU, the compiled ones of numgan.mog_native with one
+thread and with torch's threads (issue 4, target 3).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_jacobian.py
+    OMP_NUM_THREADS=2 python benchmarks/bench_jacobian.py             # + the native rows on 2 threads
     python benchmarks/bench_jacobian.py --device cuda --chunks 256 512 2003
 """
 import argparse
@@ -13,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header_text, markdown_table, report, timeit  # noqa: E402
-from numgan import mog, mog_fused, spectrum  # noqa: E402
+from numgan import mog, mog_fused, mog_native, spectrum  # noqa: E402
 
 
 def main():
@@ -56,6 +58,15 @@ def main():
                        device=device)
             rows.append(dict(method=f"mog_fused.jacobian (chunk {c})", dtype=name, seconds=t, rel_err_vs_jacrev=err))
             print(rows[-1], flush=True)
+        if device.type == "cpu" and mog_native.available(dt):
+            for n in sorted({1, torch.get_num_threads()}):
+                J = mog_native.jacobian(x, xr, zz, threads=n)
+                err = None if ref is None else float((J - ref).abs().max() / ref.abs().max())
+                t = timeit(lambda: mog_native.jacobian(x, xr, zz, threads=n), warmup=1, repeat=args.repeat,
+                           device=device)
+                rows.append(dict(method=f"mog_native.jacobian ({n} thread{'s' if n > 1 else ''})", dtype=name,
+                                 seconds=t, rel_err_vs_jacrev=err))
+                print(rows[-1], flush=True)
     text = f"## bench_jacobian ({device.type}, batch {args.batch})\n\n{header_text(device)}\n\n"
     text += markdown_table(rows, ["method", "dtype", "seconds", "rel_err_vs_jacrev"])
     report("bench_jacobian", device, text, args.record)

@@ -230,14 +230,17 @@ def jacobian_for_seed(params, x_real, z, chunk_size: Optional[int] = None) -> to
     """Exact game Jacobian v'(x) [2003, 2003] of one run at flat parameters ``params`` [2003] (G then D, as
     ``train``'s ``params`` snapshots) on the fixed minibatch ``x_real`` [B, 2], ``z`` [B, 16]; objective
     ``standard``. The same matrix as ``numgan.spectrum.jacobian(field_for_seed(G, D, s, x_real, z), params)``,
-    computed by numgan.mog_fused (hand-written Hessian-vector products) several times faster. Numpy or
-    torch input; computed in the dtype of ``params`` (use float64 for eigenvalues) and on its device.
+    computed from hand-written Hessian-vector products several times faster: by numgan.mog_native on the CPU
+    (where it builds; rows over torch's threads), else by numgan.mog_fused (``chunk_size`` rows per pass).
+    Numpy or torch input; computed in the dtype of ``params`` (use float64 for eigenvalues) and on its device.
     """
-    from . import mog_fused
+    from . import mog_fused, mog_native
 
     x = torch.as_tensor(params)
-    return mog_fused.jacobian(x, torch.as_tensor(x_real, device=x.device), torch.as_tensor(z, device=x.device),
-                              chunk_size=chunk_size)
+    x_real, z = torch.as_tensor(x_real, device=x.device), torch.as_tensor(z, device=x.device)
+    if x.device.type == "cpu" and x.dtype in mog_native.DTYPES and chunk_size is None and mog_native.available(x.dtype):
+        return mog_native.jacobian(x, x_real, z)
+    return mog_fused.jacobian(x, x_real, z, chunk_size=chunk_size)
 
 
 def train(method: str = "conopt", n_seeds: int = 1, n_iters: int = 20_000, seed: int = 0, lr: float = 1e-4,

@@ -58,6 +58,7 @@ typedef int32_t ivn __attribute__((vector_size(VBYTES)));
 #define XD 2        /* data size */
 #define NL 5        /* layers per network */
 #define NP 2003     /* parameters per seed */
+#define NG 1122     /* of them the generator's */
 #define CH 64       /* rows per chunk of the tangent pass */
 
 static const int GK[NL] = {ZD, L, L, L, L}, GN[NL] = {L, L, L, L, XD};
@@ -412,90 +413,111 @@ static void primal(work *w, int B, const real *x_real, const real *z, real *loss
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
-/* pass 2: H = J_u^T u = H_{L_G}(u_theta, 0) + H_{L_D}(0, u_phi) (forward-over-reverse), rows r0..r0+R  */
+/* pass 2: H = J_u^T t = H_{L_G}(t_theta, 0) + H_{L_D}(0, t_phi) (forward-over-reverse), rows r0..r0+R   */
+/* for the tangent t in w->U (u itself for ConOpt; one-hot for the Jacobian). g_on / d_on say whether     */
+/* t_theta / t_phi may be nonzero; the terms of a zero part are skipped.                                  */
 /* ---------------------------------------------------------------------------------------------------- */
 
-static void tangent(work *w, int B, int r0, int R) {
+static void tangent(work *w, int B, int r0, int R, int g_on, int d_on) {
     const net *P = w->P, *U = w->U;
     net *H = w->H;
     const size_t o = (size_t)r0 * L;  /* offset of this chunk in the B-row arrays */
     real *const *ag = w->ag, *const *ar = w->ar, *const *af = w->af, *const *dG = w->dG;
     real *const *dr = w->dr, *const *df = w->df, *const *dg = w->dg;
-    /* tangent forward through G (direction u_theta): tg[l] = tangent of G's activation a_l */
-    real *th = w->th[0];
-    mm(R, ag[0] + o, GK[0], U->g[0].W, NULL, 0, NULL, U->g[0].W + GK[0] * L, STORE, NULL, th);
-    for (int l = 1; l < NL; l++) {
-        real *t = w->tg[l];
-        mask_rows(R, th, ag[l] + o, t);
-        if (GN[l] < L)
-            dots(R, GN[l], t, P->g[l].T, ag[l] + o, U->g[l].T, U->g[l].b, th);
-        else
-            mm(R, t, GK[l], P->g[l].W, ag[l] + o, GK[l], U->g[l].W, U->g[l].W + GK[l] * L, STORE, NULL, th);
-    }
     real *xt = w->tq[0];  /* tangent of the fake samples = the input tangent of D's L_G fake rows */
-    memcpy(xt, th, (size_t)R * L * sizeof(real));
-    /* tangent forward through D: real and fake rows of L_D (direction u_phi) and fake rows of L_G (input
+    if (g_on) {
+        /* tangent forward through G (direction t_theta): tg[l] = tangent of G's activation a_l */
+        real *th = w->th[0];
+        mm(R, ag[0] + o, GK[0], U->g[0].W, NULL, 0, NULL, U->g[0].W + GK[0] * L, STORE, NULL, th);
+        for (int l = 1; l < NL; l++) {
+            real *t = w->tg[l];
+            mask_rows(R, th, ag[l] + o, t);
+            if (GN[l] < L)
+                dots(R, GN[l], t, P->g[l].T, ag[l] + o, U->g[l].T, U->g[l].b, th);
+            else
+                mm(R, t, GK[l], P->g[l].W, ag[l] + o, GK[l], U->g[l].W, U->g[l].W + GK[l] * L, STORE, NULL, th);
+        }
+        memcpy(xt, th, (size_t)R * L * sizeof(real));
+    }
+    /* tangent forward through D: real and fake rows of L_D (direction t_phi) and fake rows of L_G (input
      * tangent xt); hr / hf / hq = their pre-activation tangents */
     real *hr = w->th[1], *hf = w->th[2], *hq = w->th[3];
-    mm(R, ar[0] + o, DK[0], U->d[0].W, NULL, 0, NULL, U->d[0].W + DK[0] * L, STORE, NULL, hr);
-    mm(R, af[0] + o, DK[0], U->d[0].W, NULL, 0, NULL, U->d[0].W + DK[0] * L, STORE, NULL, hf);
-    mm(R, xt, DK[0], P->d[0].W, NULL, 0, NULL, NULL, STORE, NULL, hq);
+    if (d_on) {
+        mm(R, ar[0] + o, DK[0], U->d[0].W, NULL, 0, NULL, U->d[0].W + DK[0] * L, STORE, NULL, hr);
+        mm(R, af[0] + o, DK[0], U->d[0].W, NULL, 0, NULL, U->d[0].W + DK[0] * L, STORE, NULL, hf);
+    }
+    if (g_on) mm(R, xt, DK[0], P->d[0].W, NULL, 0, NULL, NULL, STORE, NULL, hq);
     for (int l = 1; l < NL; l++) {
         real *tr = w->tr[l], *tf = w->tf[l], *tq = w->tq[l];
-        mask_rows(R, hr, ar[l] + o, tr);
-        mask_rows(R, hf, af[l] + o, tf);
-        mask_rows(R, hq, af[l] + o, tq);
-        if (DN[l] < L) {
-            dots(R, DN[l], tr, P->d[l].T, ar[l] + o, U->d[l].T, U->d[l].b, hr);
-            dots(R, DN[l], tf, P->d[l].T, af[l] + o, U->d[l].T, U->d[l].b, hf);
-            dots(R, DN[l], tq, P->d[l].T, NULL, NULL, NULL, hq);
-        } else {
-            const real *ub = U->d[l].W + DK[l] * L;
-            mm(R, tr, DK[l], P->d[l].W, ar[l] + o, DK[l], U->d[l].W, ub, STORE, NULL, hr);
-            mm(R, tf, DK[l], P->d[l].W, af[l] + o, DK[l], U->d[l].W, ub, STORE, NULL, hf);
-            mm(R, tq, DK[l], P->d[l].W, NULL, 0, NULL, NULL, STORE, NULL, hq);
+        if (d_on) {
+            mask_rows(R, hr, ar[l] + o, tr);
+            mask_rows(R, hf, af[l] + o, tf);
+            if (DN[l] < L) {
+                dots(R, DN[l], tr, P->d[l].T, ar[l] + o, U->d[l].T, U->d[l].b, hr);
+                dots(R, DN[l], tf, P->d[l].T, af[l] + o, U->d[l].T, U->d[l].b, hf);
+            } else {
+                const real *ub = U->d[l].W + DK[l] * L;
+                mm(R, tr, DK[l], P->d[l].W, ar[l] + o, DK[l], U->d[l].W, ub, STORE, NULL, hr);
+                mm(R, tf, DK[l], P->d[l].W, af[l] + o, DK[l], U->d[l].W, ub, STORE, NULL, hf);
+            }
+        }
+        if (g_on) {
+            mask_rows(R, hq, af[l] + o, tq);
+            if (DN[l] < L)
+                dots(R, DN[l], tq, P->d[l].T, NULL, NULL, NULL, hq);
+            else
+                mm(R, tq, DK[l], P->d[l].W, NULL, 0, NULL, NULL, STORE, NULL, hq);
         }
     }
     /* tangent of dL/dlogit = sigma (1 - sigma) / B * tangent of the logit. The fake rows' two tangent
-     * deltas (L_D along u_phi, L_G along xt) are summed from here on: same masks, same weights. */
+     * deltas (L_D along t_phi, L_G along xt) are summed from here on: same masks, same weights. */
     real inv = (real)1 / B;
     real *er = w->er[0], *es = w->es[0], *er2 = w->er[1], *es2 = w->es[1];
     memset(er, 0, (size_t)R * L * sizeof(real));
     memset(es, 0, (size_t)R * L * sizeof(real));
     for (int r = 0; r < R; r++) {
         real sr = w->sr[o + r * L], sf = w->sf[o + r * L];
-        er[r * L] = sr * (1 - sr) * inv * hr[r * L];
-        es[r * L] = sf * (1 - sf) * inv * (hf[r * L] + hq[r * L]);
+        if (d_on) er[r * L] = sr * (1 - sr) * inv * hr[r * L];
+        es[r * L] = sf * (1 - sf) * inv * ((d_on ? hf[r * L] : 0) + (g_on ? hq[r * L] : 0));
     }
     /* tangent backward through D:
      *   H_l += a_r^T e_r + t_r^T d_r + a_f^T e_s + t_f^T d_f + t_q^T d_g
-     *   e_r <- (e_r W^T + d_r U^T) * mask_r,  e_s <- (e_s W^T + d_f U^T) * mask_f            */
+     *   e_r <- (e_r W^T + d_r U^T) * mask_r,  e_s <- (e_s W^T + d_f U^T) * mask_f
+     * (e_r, t_r, t_f and the U^T terms vanish without t_phi; t_q without t_theta) */
     for (int l = NL - 1; l >= 1; l--) {
         const layer *p = &P->d[l], *u = &U->d[l];
         if (DN[l] < L) {
-            outer_t(R, DN[l], ar[l] + o, er, w->tr[l], dr[l] + o, H->d[l].T, H->d[l].b);
-            outer_t(R, DN[l], af[l] + o, es, w->tf[l], df[l] + o, H->d[l].T, H->d[l].b);
-            outer_t(R, DN[l], w->tq[l], dg[l] + o, NULL, NULL, H->d[l].T, NULL);
+            if (d_on) outer_t(R, DN[l], ar[l] + o, er, w->tr[l], dr[l] + o, H->d[l].T, H->d[l].b);
+            outer_t(R, DN[l], af[l] + o, es, d_on ? w->tf[l] : NULL, df[l] + o, H->d[l].T, H->d[l].b);
+            if (g_on) outer_t(R, DN[l], w->tq[l], dg[l] + o, NULL, NULL, H->d[l].T, NULL);
         } else {
-            outer(R, DK[l], ar[l] + o, er, af[l] + o, es, w->tr[l], dr[l] + o, 2, H->d[l].W);
-            outer(R, DK[l], w->tf[l], df[l] + o, w->tq[l], dg[l] + o, NULL, NULL, 0, H->d[l].W);
+            if (d_on) {
+                outer(R, DK[l], ar[l] + o, er, af[l] + o, es, w->tr[l], dr[l] + o, 2, H->d[l].W);
+                outer(R, DK[l], w->tf[l], df[l] + o, g_on ? w->tq[l] : NULL, dg[l] + o, NULL, NULL, 0, H->d[l].W);
+            } else {
+                outer(R, DK[l], af[l] + o, es, w->tq[l], dg[l] + o, NULL, NULL, 1, H->d[l].W);
+            }
         }
-        mm(R, er, DN[l], p->T, dr[l] + o, DN[l], u->T, NULL, MASK, ar[l] + o, er2);
-        mm(R, es, DN[l], p->T, df[l] + o, DN[l], u->T, NULL, MASK, af[l] + o, es2);
+        if (d_on) mm(R, er, DN[l], p->T, dr[l] + o, DN[l], u->T, NULL, MASK, ar[l] + o, er2);
+        mm(R, es, DN[l], p->T, d_on ? df[l] + o : NULL, DN[l], u->T, NULL, MASK, af[l] + o, es2);
         real *t = er; er = er2; er2 = t;
         t = es; es = es2; es2 = t;
     }
-    outer(R, DK[0], ar[0] + o, er, af[0] + o, es, xt, dg[0] + o, 2, H->d[0].W);
+    if (d_on)
+        outer(R, DK[0], ar[0] + o, er, af[0] + o, es, g_on ? xt : NULL, dg[0] + o, 2, H->d[0].W);
+    else
+        outer(R, DK[0], af[0] + o, es, xt, dg[0] + o, NULL, NULL, 1, H->d[0].W);
     /* into G: the tangent of dL/dx_fake, both fake copies: e_s W_0^T + d_f U_0^T (2 dot products) */
     real *eg = w->eg[0], *eg2 = w->eg[1];
-    dots(R, XD, es, P->d[0].W, df[0] + o, U->d[0].W, NULL, eg);
+    dots(R, XD, es, P->d[0].W, d_on ? df[0] + o : NULL, U->d[0].W, NULL, eg);
     /* tangent backward through G: H_l += a^T e + t^T dG;  e <- (e W^T + dG U^T) * mask */
     for (int l = NL - 1; l >= 1; l--) {
+        const real *tg = g_on ? w->tg[l] : NULL, *dGl = g_on ? dG[l] + o : NULL;
         if (GN[l] < L)
-            outer_t(R, GN[l], ag[l] + o, eg, w->tg[l], dG[l] + o, H->g[l].T, H->g[l].b);
+            outer_t(R, GN[l], ag[l] + o, eg, tg, dGl, H->g[l].T, H->g[l].b);
         else
-            outer(R, GK[l], ag[l] + o, eg, w->tg[l], dG[l] + o, NULL, NULL, 1, H->g[l].W);
-        mm(R, eg, GN[l], P->g[l].T, dG[l] + o, GN[l], U->g[l].T, NULL, MASK, ag[l] + o, eg2);
+            outer(R, GK[l], ag[l] + o, eg, tg, dGl, NULL, NULL, 1, H->g[l].W);
+        mm(R, eg, GN[l], P->g[l].T, dGl, GN[l], U->g[l].T, NULL, MASK, ag[l] + o, eg2);
         real *t = eg; eg = eg2; eg2 = t;
     }
     outer(R, GK[0], ag[0] + o, eg, NULL, NULL, NULL, NULL, 1, H->g[0].W);
@@ -515,7 +537,7 @@ static void direction1(work *w, int B, const real *params, const real *x_real, c
     if (gamma < 0) return;
     for (int l = 0; l < NL; l++) { finish_layer(&w->U->g[l], GK[l], GN[l]); finish_layer(&w->U->d[l], DK[l], DN[l]); }
     memset(w->H, 0, sizeof(*w->H));
-    for (int r0 = 0; r0 < B; r0 += CH) tangent(w, B, r0, B - r0 < CH ? B - r0 : CH);
+    for (int r0 = 0; r0 < B; r0 += CH) tangent(w, B, r0, B - r0 < CH ? B - r0 : CH, 1, 1);
     real h[NP];
     store_net(w->H, h);
     for (int i = 0; i < NP; i++) out[i] += gamma * h[i];
@@ -544,5 +566,36 @@ void mog_step(int S, int B, real *params, real *square_avg, const real *x_real, 
         real ms = square_avg[i] * decay + g * g * one_minus_decay;
         square_avg[i] = ms;
         params[i] -= lr * g / sqrt(ms + eps);
+    }
+}
+
+/* Rows row0..row1-1 of the exact game Jacobian v'(x) = -J_u of one seed (paper Sec. 3-4; numgan.mog_fused
+ * .jacobian): row i of J_u is H_{L_G} e_i for a generator index i and H_{L_D} e_i for a discriminator
+ * index, i.e. the tangent pass along the one-hot direction e_i. out points at row row0 of the [2003, 2003]
+ * row-major matrix. */
+void mog_jacobian(int B, const real *params, const real *x_real, const real *z, int row0, int row1, real *out,
+                  void *workspace) {
+    work w;
+    carve(&w, workspace, B);
+    real losses[2];
+    load_net(w.P, params);
+    primal(&w, B, x_real, z, losses);
+    memset(w.U, 0, sizeof(*w.U));
+    for (int i = row0; i < row1; i++) {
+        /* locate parameter i: network, layer, row k (K = bias) and output unit n */
+        int g_on = i < NG, idx = g_on ? i : i - NG, l = 0;
+        const int *Ks = g_on ? GK : DK, *Ns = g_on ? GN : DN;
+        while (idx >= (Ks[l] + 1) * Ns[l]) { idx -= (Ks[l] + 1) * Ns[l]; l++; }
+        int K = Ks[l], N = Ns[l], k = idx / N, n = idx % N;
+        layer *u = g_on ? &w.U->g[l] : &w.U->d[l];
+        u->W[k * L + n] = 1;
+        if (k < K) u->T[n * L + k] = 1; else u->b[n] = 1;
+        memset(w.H, 0, sizeof(*w.H));
+        for (int r0 = 0; r0 < B; r0 += CH) tangent(&w, B, r0, B - r0 < CH ? B - r0 : CH, g_on, !g_on);
+        real *row = out + (size_t)(i - row0) * NP;
+        store_net(w.H, row);
+        for (int j = 0; j < NP; j++) row[j] = -row[j];
+        u->W[k * L + n] = 0;
+        if (k < K) u->T[n * L + k] = 0; else u->b[n] = 0;
     }
 }

@@ -168,6 +168,8 @@ def library(dtype: torch.dtype = torch.float32) -> ctypes.CDLL:
         lib.mog_direction.restype = None
         lib.mog_step.argtypes = [i, i, p, p, p, p, real, real, real, real, real, p, p, p]
         lib.mog_step.restype = None
+        lib.mog_jacobian.argtypes = [i, p, p, p, i, i, p, p]
+        lib.mog_jacobian.restype = None
         _libs[dtype] = lib
         return lib
 
@@ -287,3 +289,37 @@ def step(params: Tensor, square_avg: Tensor, x_real: Tensor, z: Tensor, gamma: O
 
     ws.run(part)
     return ws.losses if losses else None
+
+
+def jacobian(x: Tensor, x_real: Tensor, z: Tensor, threads: Optional[int] = None) -> Tensor:
+    """Exact game Jacobian v'(x) [2003, 2003] of one run on a fixed minibatch (objective ``standard``): the
+    same matrix as numgan.mog_fused.jacobian (row i of -v' is H_{L_G} e_i for a generator index i, H_{L_D} e_i
+    for a discriminator index), one tangent pass per row, the terms of the other player's zero tangent
+    skipped. ``x`` [2003], ``x_real`` [B, 2], ``z`` [B, 16] on the CPU, float32 or float64 (use float64 for
+    eigenvalues). Rows are split over ``threads`` (default ``torch.get_num_threads()``)."""
+    if x.dim() != 1 or x.numel() != N_PARAMS:
+        raise ValueError(f"x must be a flat [{N_PARAMS}] parameter vector, got {tuple(x.shape)}")
+    if x_real.dim() != 2 or z.dim() != 2:
+        raise ValueError(f"x_real [B, 2] and z [B, 16] (one run's batch), got {tuple(x_real.shape)}, "
+                         f"{tuple(z.shape)}")
+    x = x.detach().contiguous()
+    x_real, z = x_real.to(x.dtype).contiguous(), z.to(x.dtype).contiguous()
+    _check(x[None], x_real[None], z[None])
+    B = x_real.shape[0]
+    lib = library(x.dtype)
+    n = max(1, min(N_PARAMS, threads if threads is not None else torch.get_num_threads()))
+    out = torch.empty(N_PARAMS, N_PARAMS, dtype=x.dtype)
+    bounds = [N_PARAMS * i // n for i in range(n + 1)]
+    scratch = [torch.empty(lib.mog_work_bytes(B), dtype=torch.uint8) for _ in range(n)]
+
+    def part(j):
+        a, b = bounds[j], bounds[j + 1]
+        lib.mog_jacobian(B, x.data_ptr(), x_real.data_ptr(), z.data_ptr(), a, b, _ptr(out, a),
+                         scratch[j].data_ptr())
+
+    if n == 1:
+        part(0)
+    else:
+        with ThreadPoolExecutor(n) as pool:
+            list(pool.map(part, range(n)))
+    return out

@@ -212,3 +212,29 @@ def test_step_without_losses_updates_the_same():
     assert ls.shape == (2, 2) and torch.isfinite(ls).all()
     assert mn.step(b, sb, xr, z, 10.0, 1e-3, 0.9, 1e-10, losses=False) is None
     assert torch.equal(a, b) and torch.equal(sa, sb) and not torch.equal(a, x)
+
+
+@pytest.mark.parametrize("B", [5, 70])
+def test_jacobian_equals_fused_jacobian(B):
+    """Every row (all 10 layers' weights and biases of both players), float64, one and two threads."""
+    x, xr, z = _random_case(1, B, seed=20 + B)
+    ref = mf.jacobian(x[0], xr[0], z[0], chunk_size=500)
+    got = mn.jacobian(x[0], xr[0], z[0], threads=1)
+    torch.testing.assert_close(got, ref, rtol=1e-11, atol=1e-12 * ref.abs().max().item())
+    assert torch.equal(mn.jacobian(x[0], xr[0], z[0], threads=3), got)
+    # mog.jacobian_for_seed takes this path on the CPU, with numpy input too
+    via = mog.jacobian_for_seed(x[0].numpy(), xr[0].numpy(), z[0].numpy())
+    assert torch.equal(via, got)
+    # both players' blocks, including the cross terms, are nonzero
+    G = mf.N_G
+    assert all(blk.abs().max() > 1e-6 for blk in (got[:G, :G], got[:G, G:], got[G:, :G], got[G:, G:]))
+
+
+def test_jacobian_bad_input():
+    x, xr, z = _random_case(1, 8)
+    with pytest.raises(ValueError, match="flat"):
+        mn.jacobian(x[0, :10], xr[0], z[0])
+    with pytest.raises(ValueError, match="one run's batch"):
+        mn.jacobian(x[0], xr, z)
+    with pytest.raises(ValueError, match="z must be"):
+        mn.jacobian(x[0], xr[0], z[0, :3])
