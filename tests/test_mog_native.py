@@ -191,6 +191,11 @@ def test_without_a_compiler_auto_falls_back_and_native_says_why(tmp_path):
     res = _fresh_python(code, {"CC": str(tmp_path / "no-such-cc"), "NUMGAN_NATIVE_CACHE": str(tmp_path / "cache")})
     assert res.returncode == 0, res.stderr
     assert "compiling mog_native.c" in res.stdout
+    blocker = tmp_path / "a-file"   # the cache folder cannot be made where a file is
+    blocker.write_text("")
+    res = _fresh_python(code, {"NUMGAN_NATIVE_CACHE": str(blocker / "cache")})
+    assert res.returncode == 0, res.stderr
+    assert "build cache" in res.stdout and "NUMGAN_NATIVE_CACHE" in res.stdout
 
 
 def test_the_build_is_cached_by_source_and_reused(tmp_path, monkeypatch):
