@@ -578,14 +578,7 @@ class FusedMoG:
             mog_triton.check_engine(self.params, self.triton_options)
         if backend == "native":
             from . import mog_native
-            if self.params.device.type != "cpu":
-                raise ValueError(f"backend='native' runs on the CPU, got parameters on {self.params.device}; "
-                                 "use backend='triton' or 'torch' on CUDA")
-            if self.params.dtype not in mog_native.DTYPES:
-                raise ValueError(f"backend='native' computes in float32 or float64, got {self.params.dtype}")
-            reason = mog_native.unavailable_reason(self.params.dtype)
-            if reason is not None:
-                raise ValueError(f"backend='native' is unavailable here: {reason}")
+            mog_native.check_engine(self.params)
 
     @property
     def n_seeds(self) -> int:

@@ -192,6 +192,26 @@ def unavailable_reason(dtype: torch.dtype = torch.float32) -> Optional[str]:
         return str(e)
 
 
+def check_engine(params: Tensor) -> None:
+    """ValueError unless ``params`` can run on this engine here (CPU, float32 or float64, the C file built);
+    the counterpart of numgan.mog_triton.check_engine, for numgan.mog_fused.FusedMoG(backend="native")."""
+    if params.device.type != "cpu":
+        raise ValueError(f"backend='native' runs on the CPU, got parameters on {params.device}; "
+                         "use backend='triton' or 'torch' on CUDA")
+    if params.dtype not in DTYPES:
+        raise ValueError(f"backend='native' computes in float32 or float64, got {params.dtype}")
+    reason = unavailable_reason(params.dtype)
+    if reason is not None:
+        raise ValueError(f"backend='native' is unavailable here: {reason}")
+
+
+def _split(n: int, parts: int) -> list:
+    """[(lo, hi), ...]: range(n) in at most ``parts`` nonempty contiguous slices of near-equal size."""
+    parts = max(1, min(n, parts))
+    bounds = [n * i // parts for i in range(parts + 1)]
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
 def _check(params: Tensor, x_real: Tensor, z: Tensor, extra=()) -> None:
     for name, t in (("params", params), ("x_real", x_real), ("z", z)) + tuple(extra):
         if t.device.type != "cpu":
@@ -220,9 +240,7 @@ class Workspace:
     def __init__(self, S: int, B: int, dtype: torch.dtype, threads: Optional[int] = None):
         self.lib = library(dtype)
         self.S, self.B, self.dtype = S, B, dtype
-        n = max(1, min(S, threads if threads is not None else torch.get_num_threads()))
-        bounds = [S * i // n for i in range(n + 1)]
-        self.slices = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        self.slices = _split(S, threads if threads is not None else torch.get_num_threads())
         nbytes = self.lib.mog_work_bytes(B)
         self.scratch = [torch.empty(nbytes, dtype=torch.uint8) for _ in self.slices]
         self.grad = torch.empty(S, N_PARAMS, dtype=dtype)
@@ -245,6 +263,17 @@ def _ptr(t: Tensor, row: int = 0) -> int:
     return t.data_ptr() + row * t.stride(0) * t.element_size()
 
 
+def _prepare(params, x_real, z, gamma, workspace, extra=()):
+    """Checked input -> (workspace, B, gamma as the C code takes it: -1 for SimGA). Without a fitting
+    ``workspace``, a single-threaded one is made for this call."""
+    _check(params, x_real, z, extra)
+    if gamma is not None and gamma < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    S, B = x_real.shape[0], x_real.shape[1]
+    ws = workspace if workspace is not None and workspace.fits(S, B, params.dtype) else Workspace(S, B, params.dtype, 1)
+    return ws, B, -1.0 if gamma is None else float(gamma)
+
+
 def direction(params: Tensor, x_real: Tensor, z: Tensor, gamma: Optional[float],
               workspace: Optional[Workspace] = None) -> tuple[Tensor, Tensor]:
     """(direction [S, 2003], losses [S, 2] = (L_D, L_G)) of one minibatch, objective ``standard``.
@@ -253,12 +282,7 @@ def direction(params: Tensor, x_real: Tensor, z: Tensor, gamma: Optional[float],
     for ConOpt, as numgan.mog_fused.conopt_direction. Both outputs live in the workspace (overwritten by
     the next call with it); without one, a single-threaded workspace is made for this call.
     """
-    _check(params, x_real, z)
-    S, B = x_real.shape[0], x_real.shape[1]
-    ws = workspace if workspace is not None and workspace.fits(S, B, params.dtype) else Workspace(S, B, params.dtype, 1)
-    g = -1.0 if gamma is None else float(gamma)
-    if g < 0 and gamma is not None:
-        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    ws, B, g = _prepare(params, x_real, z, gamma, workspace)
 
     def part(a, b, scratch):
         ws.lib.mog_direction(b - a, B, _ptr(params, a), _ptr(x_real, a), _ptr(z, a), g, _ptr(ws.grad, a),
@@ -274,12 +298,7 @@ def step(params: Tensor, square_avg: Tensor, x_real: Tensor, z: Tensor, gamma: O
     and ``square_avg`` [S, 2003]: g = :func:`direction`; ms <- decay ms + (1 - decay) g^2;
     params <- params - lr g / sqrt(ms + eps). Returns the minibatch losses [S, 2] (a workspace buffer), or
     None with ``losses=False``, which skips computing them."""
-    _check(params, x_real, z, extra=(("square_avg", square_avg),))
-    S, B = x_real.shape[0], x_real.shape[1]
-    ws = workspace if workspace is not None and workspace.fits(S, B, params.dtype) else Workspace(S, B, params.dtype, 1)
-    g = -1.0 if gamma is None else float(gamma)
-    if g < 0 and gamma is not None:
-        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    ws, B, g = _prepare(params, x_real, z, gamma, workspace, extra=(("square_avg", square_avg),))
 
     def part(a, b, scratch):
         # 1 - decay computed in double, as torch's addcmul_(value=1 - decay) does (in float: 0.100000024)
@@ -307,19 +326,14 @@ def jacobian(x: Tensor, x_real: Tensor, z: Tensor, threads: Optional[int] = None
     _check(x[None], x_real[None], z[None])
     B = x_real.shape[0]
     lib = library(x.dtype)
-    n = max(1, min(N_PARAMS, threads if threads is not None else torch.get_num_threads()))
     out = torch.empty(N_PARAMS, N_PARAMS, dtype=x.dtype)
-    bounds = [N_PARAMS * i // n for i in range(n + 1)]
-    scratch = [torch.empty(lib.mog_work_bytes(B), dtype=torch.uint8) for _ in range(n)]
+    rows = _split(N_PARAMS, threads if threads is not None else torch.get_num_threads())
 
-    def part(j):
-        a, b = bounds[j], bounds[j + 1]
-        lib.mog_jacobian(B, x.data_ptr(), x_real.data_ptr(), z.data_ptr(), a, b, _ptr(out, a),
-                         scratch[j].data_ptr())
+    def part(ab):
+        scratch = torch.empty(lib.mog_work_bytes(B), dtype=torch.uint8)
+        lib.mog_jacobian(B, x.data_ptr(), x_real.data_ptr(), z.data_ptr(), ab[0], ab[1], _ptr(out, ab[0]),
+                         scratch.data_ptr())
 
-    if n == 1:
-        part(0)
-    else:
-        with ThreadPoolExecutor(n) as pool:
-            list(pool.map(part, range(n)))
+    with ThreadPoolExecutor(len(rows)) as pool:
+        list(pool.map(part, rows))
     return out

@@ -61,19 +61,24 @@ def test_player_grads_equal_autograd():
     assert u[:, :mf.N_G].abs().max() > 1e-4 and u[:, mf.N_G:].abs().max() > 1e-4
 
 
-def test_conopt_direction_equals_double_backprop():
-    S, gamma = 3, 10.0
-    G, D = _models(S)
-    x_real, z = _batch(S, 96)
+def _conopt_reference(G, D, x_real, z, gamma):
+    """(u + gamma J_u^T u, u, (L_D, L_G)) flat [S, 2003], by autograd double backprop on the ensembles."""
     params = list(G.parameters()) + list(D.parameters())
     LD, LG = mog.game_losses(G, D, x_real, z)
     u = player_gradients(LG, LD, list(G.parameters()), list(D.parameters()), create_graph=True)
     jtu = grad_or_zero(0.5 * sum((t * t).sum() for t in u), params)   # grad 1/2 ||u||^2 by definition
     ref = _flat([a.detach() + gamma * b for a, b in zip(u, jtu)], G, D)
+    return ref, _flat([a.detach() for a in u], G, D), (LD.detach(), LG.detach())
+
+
+def test_conopt_direction_equals_double_backprop():
+    S, gamma = 3, 10.0
+    G, D = _models(S)
+    x_real, z = _batch(S, 96)
+    ref, u_only, _ = _conopt_reference(G, D, x_real, z, gamma)
     got = mf.conopt_direction(mf.pack(G, D), x_real, z, gamma)
     torch.testing.assert_close(got, ref, rtol=1e-11, atol=1e-13)
     # the consensus part is a real contribution in both players' blocks
-    u_only = _flat([a.detach() for a in u], G, D)
     assert (got - u_only)[:, :mf.N_G].abs().max() > 1e-4 and (got - u_only)[:, mf.N_G:].abs().max() > 1e-4
 
 
