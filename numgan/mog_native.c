@@ -35,13 +35,19 @@ typedef REAL real;
 #define L 16 /* lanes of a row: the hidden width */
 
 /* the machine's native vector: rows are handled as L / VW of them (vectors wider than the hardware's
- * make GCC spill every operation to the stack) */
+ * make GCC spill every operation to the stack). -DVBYTES=16|32|64 overrides the choice: the tests build
+ * all three widths on one machine (a width the hardware lacks is emulated by the compiler, slowly). */
+#ifndef VBYTES
 #if defined(__AVX512F__)
 #define VBYTES 64
 #elif defined(__AVX__)
 #define VBYTES 32
 #else
 #define VBYTES 16 /* SSE2, NEON */
+#endif
+#endif
+#if VBYTES != 16 && VBYTES != 32 && VBYTES != 64
+#error "VBYTES must be 16, 32 or 64"
 #endif
 #define VW ((int)(VBYTES / sizeof(real)))
 #define NV (L / VW)
@@ -317,6 +323,9 @@ typedef struct {
 } work;
 
 static size_t n_rows(int B) { return (size_t)B * (7 * NL + 2) + (size_t)CH * (4 * NL + 4 + 6); }
+
+/* the vector width this build uses, in bytes (numgan.mog_native.vector_bytes) */
+int mog_vector_bytes(void) { return VBYTES; }
 
 /* bytes of workspace for batch size B (any alignment: carve aligns) */
 size_t mog_work_bytes(int B) { return sizeof(net) * 3 + n_rows(B) * L * sizeof(real) + 64; }

@@ -9,9 +9,13 @@ header for what differs from mog_fused; the values are the same up to float roun
 compares it with mog_fused and autograd in float64).
 
 The C file is compiled on first use with the system C compiler (``$CC``, else ``cc``, ``gcc`` or
-``clang``), with ``-O3 -march=native`` where the compiler accepts it. The shared library is cached in
-``$NUMGAN_NATIVE_CACHE`` (default ``~/.cache/numgan/native``), keyed by the source, the flags, the
-compiler and the CPU, and written atomically. Without a compiler :func:`available` is False and
+``clang``), with ``-O3 -march=native`` where the compiler accepts it (else ``-mcpu=native``, else no tuning
+flag), then ``$NUMGAN_NATIVE_CFLAGS`` if set (extra flags, which come last and so win: e.g. ``-O2``, or
+``-DVBYTES=16`` to force a vector width, as tests/test_mog_native_portability.py does to build every width
+on one machine). The shared library is cached in ``$NUMGAN_NATIVE_CACHE`` (default
+``~/.cache/numgan/native``), keyed by the source, the flags, the compiler and the CPU, and written
+atomically. :func:`vector_bytes` says which vector width the build uses (16: SSE2 or NEON, 32: AVX, 64:
+AVX-512). Without a compiler :func:`available` is False and
 :func:`unavailable_reason` says why; numgan.mog's "auto" engine then uses mog_fused, while asking for
 ``engine="native"`` raises an error that says how to fix it.
 
@@ -98,6 +102,11 @@ def _compiler_version(cc: list) -> str:
         return ""
 
 
+def extra_flags() -> list:
+    """``$NUMGAN_NATIVE_CFLAGS`` split like a shell would (appended to the build flags; part of the cache key)."""
+    return shlex.split(os.environ.get("NUMGAN_NATIVE_CFLAGS", ""))
+
+
 def _build(dtype: torch.dtype) -> Path:
     """The compiled library for ``dtype``: from the cache, else built (flags tried in order of _TUNE_FLAGS)."""
     cc = compiler()
@@ -111,7 +120,7 @@ def _build(dtype: torch.dtype) -> Path:
     version, cpu = _compiler_version(cc), _cpu_identity()
     candidates = []
     for tune in _TUNE_FLAGS:
-        flags = _BASE_FLAGS + tune + defines
+        flags = _BASE_FLAGS + tune + defines + extra_flags()
         key = hashlib.sha256(b"\0".join([src, " ".join(flags).encode(), " ".join(cc).encode(), version.encode(),
                                          cpu.encode()])).hexdigest()[:16]
         candidates.append((tune, flags, out_dir / f"mog_native-{real}-{key}.so"))
@@ -140,7 +149,9 @@ def _build(dtype: torch.dtype) -> Path:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    raise NativeUnavailable(f"compiling {SOURCE.name} with {' '.join(cc)} failed:\n" + "\n".join(errors))
+    hint = (f" (with NUMGAN_NATIVE_CFLAGS={os.environ['NUMGAN_NATIVE_CFLAGS']!r}: unset it to build with the "
+            "defaults)") if extra_flags() else ""
+    raise NativeUnavailable(f"compiling {SOURCE.name} with {' '.join(cc)} failed{hint}:\n" + "\n".join(errors))
 
 
 def library(dtype: torch.dtype = torch.float32) -> ctypes.CDLL:
@@ -164,6 +175,7 @@ def library(dtype: torch.dtype = torch.float32) -> ctypes.CDLL:
         real = ctypes.c_float if dtype == torch.float32 else ctypes.c_double
         p, i = ctypes.c_void_p, ctypes.c_int
         lib.mog_work_bytes.argtypes, lib.mog_work_bytes.restype = [i], ctypes.c_size_t
+        lib.mog_vector_bytes.argtypes, lib.mog_vector_bytes.restype = [], i
         lib.mog_direction.argtypes = [i, i, p, p, p, real, p, p, p]
         lib.mog_direction.restype = None
         lib.mog_step.argtypes = [i, i, p, p, p, p, real, real, real, real, real, p, p, p]
@@ -172,6 +184,12 @@ def library(dtype: torch.dtype = torch.float32) -> ctypes.CDLL:
         lib.mog_jacobian.restype = None
         _libs[dtype] = lib
         return lib
+
+
+def vector_bytes(dtype: torch.dtype = torch.float32) -> int:
+    """The width of the vectors the build for ``dtype`` computes with, in bytes: 16 (SSE2, NEON), 32 (AVX)
+    or 64 (AVX-512); NativeUnavailable if it cannot be built."""
+    return int(library(dtype).mog_vector_bytes())
 
 
 def available(dtype: torch.dtype = torch.float32) -> bool:
