@@ -15,7 +15,10 @@ Variants, all on the same models, data and precision:
   fast-split-d the same with D called on the real and the fake batch separately: fewer FLOPs (the joint
                pass backpropagates L_G through zero real rows: ConOpt 171 vs 155 GFLOP), twice the D kernels
   fast-noalign the fast path with 3-channel layers' 75-wide column matrices unpadded (numgan.conv.ALIGN = 0)
+  fast-native1 the fast path with stride-1 convolutions (the ResNets' 3x3 blocks) native, as before they became
+               "adjoint" for ConOpt and smoothing (numgan.train.fast_conv_impl): for --arch resnet_cf
   (--variants also takes "adjoint" and "gemm": those convolutions without the graph)
+For Fig. 10's configuration: --arch resnet_cf --image-size 64 --f-dim 128 --batch 128.
 Each row is the median over --repeat timed blocks of --iters iterations (after --warmup iterations),
 with the device synchronised around each block. The check column compares the fast path's parameters
 with the eager step's after --check-iters iterations from the same start and the same batches
@@ -37,7 +40,7 @@ import common  # noqa: E402
 from numgan.activations import LeakyReLU  # noqa: E402
 from numgan.data import ImageSampler  # noqa: E402
 from numgan.models import TFBatchNorm, build_models, set_conv_impl  # noqa: E402
-from numgan.train import TrainConfig, build_training, set_precision  # noqa: E402
+from numgan.train import TrainConfig, build_training, fast_conv_impl, set_precision  # noqa: E402
 
 
 def plain_port(G, D, method, sampler, z_dim, batch, lr=1e-4, gamma=10.0):
@@ -87,8 +90,10 @@ VARIANTS = {  # name -> (conv implementation, CUDA graph, joint D pass); None = 
     "plain": None, "eager": ("native", False, None), "graph": ("native", True, None),
     "adjoint-graph": ("adjoint", True, None), "fast": (None, True, None), "fast-split-d": (None, True, False),
     "adjoint": ("adjoint", False, None), "gemm": ("gemm", False, None), "eager-split-d": ("native", False, False),
-    "fast-noalign": (None, True, None),
+    "fast-noalign": (None, True, None), "fast-native1": (None, True, None),
 }
+# stride-1 convolutions of a variant, where not numgan.train's (fast_conv_impl(method, strided=False))
+UNSTRIDED = {"fast-native1": "native"}
 # module settings a variant runs under (restored afterwards): "fast-noalign" stores 75-wide column matrices
 # unpadded (numgan.conv.ALIGN = 0, misaligned rows for cuBLAS), to time what the padding gains
 SETTINGS = {"fast-noalign": {"ALIGN": 0}}
@@ -107,11 +112,11 @@ def settings(variant):
             setattr(conv, k, v)
 
 
-def build(variant, method, arch, batch, images, device, seed=0, tf32=True):
+def build(variant, method, arch, batch, images, device, seed=0, tf32=True, f_dim=64):
     """(step, G, D) of a variant; every variant starts from the same initialisation (seed)."""
     if VARIANTS[variant] is None:
         torch.manual_seed(seed)
-        G, D = build_models(arch, images.shape[-1], z_dim=256, f_dim=64, channels=images.shape[1])
+        G, D = build_models(arch, images.shape[-1], z_dim=256, f_dim=f_dim, channels=images.shape[1])
         G, D = G.to(device), D.to(device)
         # the usual port's activation: torch's own (ResidualBlock calls numgan.activations directly; the
         # benchmarked architecture, dcgan4_nobn, has none)
@@ -123,19 +128,22 @@ def build(variant, method, arch, batch, images, device, seed=0, tf32=True):
         return plain_port(G, D, method, ImageSampler(images, batch, device=device, seed=seed), 256, batch), G, D
     impl, graph, joint = VARIANTS[variant]
     cfg = TrainConfig(dataset="synthetic", arch=arch, method=method, batch_size=batch, image_size=images.shape[-1],
-                      seed=seed, tf32=tf32)
+                      seed=seed, tf32=tf32, f_dim=f_dim)
     run = build_training(cfg, images, device, fast=graph, joint_d=joint)   # numgan.train's own construction
     if impl is not None:
         set_conv_impl(run.G, impl), set_conv_impl(run.D, impl)
+    if variant in UNSTRIDED:
+        for m in (run.G, run.D):
+            set_conv_impl(m, fast_conv_impl(method), unstrided=UNSTRIDED[variant])
     return run.step, run.G, run.D
 
 
-def check(method, arch, batch, images, device, iters, tf32=True):
+def check(method, arch, batch, images, device, iters, tf32=True, f_dim=64):
     """||fast - eager|| / ||eager - start|| over all parameters after ``iters`` iterations from the same
     start on the same batches."""
     ends, start = [], None
     for variant in ("eager", "fast"):
-        step, G, D = build(variant, method, arch, batch, images, device, tf32=tf32)
+        step, G, D = build(variant, method, arch, batch, images, device, tf32=tf32, f_dim=f_dim)
         flat = lambda: torch.cat([p.detach().flatten() for p in list(G.parameters()) + list(D.parameters())])  # noqa: E731
         start = flat()
         for _ in range(iters):
@@ -157,6 +165,8 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--arch", default="dcgan4_nobn")
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--f-dim", type=int, default=64, help="the architecture's width (Fig. 10's resnet_cf: 128)")
     ap.add_argument("--methods", default="simga,altga,conopt")
     ap.add_argument("--variants", default="plain,eager,graph,adjoint-graph,fast")
     ap.add_argument("--iters", type=int, default=50, help="iterations per timed block")
@@ -175,20 +185,21 @@ def main():
         torch.backends.cuda.preferred_blas_library(args.blas)
     if device.type == "cpu":
         torch.set_num_threads(1)
-    images = torch.randint(0, 256, (2048, 3, 32, 32), dtype=torch.uint8)
+    images = torch.randint(0, 256, (2048, 3, args.image_size, args.image_size), dtype=torch.uint8)
     rows, base = [], {}
     for method in args.methods.split(","):
         # counted on the eager step (a graph hides its ops), once per form of the D pass: the plain port and
         # fast-split-d call D twice, the other variants once on [real; fake] when D has no batch norm
         flops_of = {}
         for name in ("eager", "eager-split-d"):
-            step = build(name, method, args.arch, args.batch, images, device, tf32=tf32_on)[0]
+            step = build(name, method, args.arch, args.batch, images, device, tf32=tf32_on, f_dim=args.f_dim)[0]
             step()
             flops_of[name] = flops_per_step(step)
         for variant in args.variants.split(","):
             flops = flops_of["eager-split-d" if variant in ("plain", "fast-split-d") else "eager"]
             with settings(variant):
-                step, G, D = build(variant, method, args.arch, args.batch, images, device, tf32=tf32_on)
+                step, G, D = build(variant, method, args.arch, args.batch, images, device, tf32=tf32_on,
+                                   f_dim=args.f_dim)
                 for _ in range(args.warmup):
                     step()
 
@@ -206,13 +217,13 @@ def main():
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         if args.check_iters and device.type == "cuda":
-            rows[-1]["check (rel. diff fast vs eager)"] = f"{check(method, args.arch, args.batch, images, device, args.check_iters, tf32_on):.1e}"
+            rows[-1]["check (rel. diff fast vs eager)"] = f"{check(method, args.arch, args.batch, images, device, args.check_iters, tf32_on, args.f_dim):.1e}"
     ratio = {m: v.get("fast", float("nan")) / base["simga"].get("fast", float("nan")) for m, v in base.items()} \
         if "simga" in base else {}
     head = common.header(device)
     tf32 = args.tf32 if device.type == "cuda" else "n/a (CPU)"
     blas = "" if args.blas == "default" else f", BLAS {args.blas}"
-    text = (f"## {args.arch}, batch {args.batch}, TF32 {tf32}{blas}\n\n{common.format_header(head)}\n\n"
+    text = (f"## {args.arch}, batch {args.batch}, {args.image_size}x{args.image_size}, f {args.f_dim}, TF32 {tf32}{blas}\n\n{common.format_header(head)}\n\n"
             + common.markdown_table(rows) + "\n\n"
             + "fast-path time relative to fast SimGA: " + ", ".join(f"{m} {r:.2f}x" for m, r in ratio.items()) + "\n")
     common.report("step", device, text, args.record)

@@ -21,9 +21,17 @@ and <gW, wgrad(x, g)> = <conv(x, gW), g>):
     wgrad(x, g):  dx = conv_t(g, gW),   dg = conv(x, gW)
 
 so the three autograd Functions below are closed under differentiation: first, second and higher
-derivatives run the three cuDNN algorithms and nothing else. Padding and cropping are applied outside
-(``F.pad`` and slicing). The same identities hold on the CPU, where tests/test_step.py checks the
-values and ConOpt's second derivatives against torch's native convolution in float64.
+derivatives run the three cuDNN algorithms and nothing else. A symmetric zero padding p is an argument of all
+three (cuDNN pads, and its adjoint crops, itself); asymmetric padding is applied outside (``F.pad``). The same
+identities hold on the CPU, where tests/test_step.py checks the values and ConOpt's second derivatives
+against torch's native convolution in float64, and tests/test_models.py each Function's first and second
+derivatives (gradcheck, gradgradcheck).
+
+This matters most for stride-1 convolutions, which numgan.train runs in this form for ConOpt and smoothing
+(the ResNets' 3x3 blocks, Fig. 10): PyTorch's own double backward of a convolution forms the derivative of
+the weight gradient with respect to the input as a convolution of the batch-transposed input with the
+batch-transposed output gradient as its kernel, a kernel as large as the feature map (32 x 32 over the
+batch as channels for resnet_cf at 64 x 64), after copying both transposes (numgan.models.set_conv_impl).
 
 ``conv2d_gemm`` / ``conv_transpose2d_gemm`` are a second formulation (im2col + one matrix product),
 whose derivatives are matrix products, im2col and col2im. A leaky ReLU next to such a layer can be computed
@@ -51,79 +59,84 @@ from .activations import leaky_relu_grad
 use_triton = True   # set False to force the pure-torch im2col / col2im (e.g. to compare)
 
 
-def _conv(x: Tensor, w: Tensor, stride: int) -> Tensor:
-    return F.conv2d(x, w, stride=stride)
+def _conv(x: Tensor, w: Tensor, stride: int, padding: int) -> Tensor:
+    return F.conv2d(x, w, stride=stride, padding=padding)
 
 
-def _conv_t(g: Tensor, w: Tensor, stride: int, size) -> Tensor:
+def _conv_t(g: Tensor, w: Tensor, stride: int, padding: int, size) -> Tensor:
     k = w.shape[-1]
-    op = (size[0] - ((g.shape[-2] - 1) * stride + k), size[1] - ((g.shape[-1] - 1) * stride + k))
-    return F.conv_transpose2d(g, w, stride=stride, output_padding=op)
+    full = [(n - 1) * stride - 2 * padding + k for n in g.shape[-2:]]
+    op = (size[0] - full[0], size[1] - full[1])
+    return F.conv_transpose2d(g, w, stride=stride, padding=padding, output_padding=op)
 
 
-def _wgrad(x: Tensor, g: Tensor, stride: int, shape) -> Tensor:
-    w = x.new_empty(shape)  # only its shape is read
-    return torch.ops.aten.convolution_backward(g, x, w, None, [stride, stride], [0, 0], [1, 1], False, [0, 0], 1,
-                                               [False, True, False])[1]
+def _wgrad(x: Tensor, g: Tensor, stride: int, padding: int, shape) -> Tensor:
+    # only the weight's shape is read; its layout follows x's, so that cuDNN does not convert it to x's
+    fmt = torch.channels_last if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last) \
+        else torch.contiguous_format
+    w = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    return torch.ops.aten.convolution_backward(g, x, w, None, [stride, stride], [padding, padding], [1, 1], False,
+                                               [0, 0], 1, [False, True, False])[1]
 
 
 class Conv(torch.autograd.Function):
-    """y = conv2d(x, W, stride) without padding."""
+    """y = conv2d(x, W, stride, padding): ``padding`` zeros on every side (symmetric), read by cuDNN itself."""
 
     @staticmethod
-    def forward(ctx, x, w, stride):
+    def forward(ctx, x, w, stride, padding):
         ctx.save_for_backward(x, w)
-        ctx.stride = stride
-        return _conv(x, w, stride)
+        ctx.stride, ctx.padding = stride, padding
+        return _conv(x, w, stride, padding)
 
     @staticmethod
     def backward(ctx, gy):
         x, w = ctx.saved_tensors
-        s = ctx.stride
-        dx = ConvT.apply(gy, w, s, tuple(x.shape[-2:])) if ctx.needs_input_grad[0] else None
-        dw = WGrad.apply(x, gy, s, tuple(w.shape)) if ctx.needs_input_grad[1] else None
-        return dx, dw, None
+        s, p = ctx.stride, ctx.padding
+        dx = ConvT.apply(gy, w, s, p, tuple(x.shape[-2:])) if ctx.needs_input_grad[0] else None
+        dw = WGrad.apply(x, gy, s, p, tuple(w.shape)) if ctx.needs_input_grad[1] else None
+        return dx, dw, None, None
 
 
 class ConvT(torch.autograd.Function):
-    """conv_t(g, W): the adjoint of ``Conv`` in x, output spatial size ``size``."""
+    """conv_t(g, W): the adjoint of ``Conv`` (same stride and padding) in x, output spatial size ``size``."""
 
     @staticmethod
-    def forward(ctx, g, w, stride, size):
+    def forward(ctx, g, w, stride, padding, size):
         ctx.save_for_backward(g, w)
-        ctx.stride = stride
-        return _conv_t(g, w, stride, size)
+        ctx.stride, ctx.padding = stride, padding
+        return _conv_t(g, w, stride, padding, size)
 
     @staticmethod
     def backward(ctx, gy):
         g, w = ctx.saved_tensors
-        s = ctx.stride
-        dg = Conv.apply(gy, w, s) if ctx.needs_input_grad[0] else None
-        dw = WGrad.apply(gy, g, s, tuple(w.shape)) if ctx.needs_input_grad[1] else None
-        return dg, dw, None, None
+        s, p = ctx.stride, ctx.padding
+        dg = Conv.apply(gy, w, s, p) if ctx.needs_input_grad[0] else None
+        dw = WGrad.apply(gy, g, s, p, tuple(w.shape)) if ctx.needs_input_grad[1] else None
+        return dg, dw, None, None, None
 
 
 class WGrad(torch.autograd.Function):
     """wgrad(x, g): the adjoint of ``Conv`` in W (the weight gradient for output gradient g)."""
 
     @staticmethod
-    def forward(ctx, x, g, stride, shape):
+    def forward(ctx, x, g, stride, padding, shape):
         ctx.save_for_backward(x, g)
-        ctx.stride = stride
-        return _wgrad(x, g, stride, shape)
+        ctx.stride, ctx.padding = stride, padding
+        return _wgrad(x, g, stride, padding, shape)
 
     @staticmethod
     def backward(ctx, gw):
         x, g = ctx.saved_tensors
-        s = ctx.stride
-        dx = ConvT.apply(g, gw, s, tuple(x.shape[-2:])) if ctx.needs_input_grad[0] else None
-        dg = Conv.apply(x, gw, s) if ctx.needs_input_grad[1] else None
-        return dx, dg, None, None
+        s, p = ctx.stride, ctx.padding
+        dx = ConvT.apply(g, gw, s, p, tuple(x.shape[-2:])) if ctx.needs_input_grad[0] else None
+        dg = Conv.apply(x, gw, s, p) if ctx.needs_input_grad[1] else None
+        return dx, dg, None, None, None
 
 
-def conv2d_adjoint(x: Tensor, weight: Tensor, bias, stride: int) -> Tensor:
-    """F.conv2d(x, weight, bias, stride) (x already padded) through :class:`Conv`."""
-    y = Conv.apply(x, weight, stride)
+def conv2d_adjoint(x: Tensor, weight: Tensor, bias, stride: int, padding: int = 0) -> Tensor:
+    """F.conv2d(x, weight, bias, stride, padding) through :class:`Conv` (``padding`` zeros on every side;
+    asymmetric padding is applied to x before)."""
+    y = Conv.apply(x, weight, stride, padding)
     return y if bias is None else y + bias.view(1, -1, 1, 1)
 
 
@@ -131,13 +144,12 @@ def conv_transpose2d_adjoint(x: Tensor, weight: Tensor, bias, stride: int, paddi
     """F.conv_transpose2d(x, weight, bias, stride, padding) through :class:`ConvT`.
 
     ``weight`` is ConvTranspose2d's [in, out, k, k], which is the weight of the convolution it is the
-    adjoint of. The full output ((H - 1) s + k) is cropped by ``padding`` on each side.
+    adjoint of. The full output ((H - 1) s + k) is cropped by ``padding`` on each side (by cuDNN: the
+    adjoint of a convolution that pads by ``padding``).
     """
     k = weight.shape[-1]
-    hf, wf = (x.shape[-2] - 1) * stride + k, (x.shape[-1] - 1) * stride + k
-    y = ConvT.apply(x, weight, stride, (hf, wf))
-    if padding:
-        y = y[:, :, padding:hf - padding, padding:wf - padding]
+    size = ((x.shape[-2] - 1) * stride + k - 2 * padding, (x.shape[-1] - 1) * stride + k - 2 * padding)
+    y = ConvT.apply(x, weight, stride, padding, size)
     return y if bias is None else y + bias.view(1, -1, 1, 1)
 
 

@@ -38,7 +38,7 @@ All modules avoid in-place ops and `.data` so that double backprop (ConOpt) work
 from __future__ import annotations
 
 import collections
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -115,8 +115,10 @@ class SameConv2d(nn.Conv2d):
                                     in_slope=self.in_slope)
         if self.in_slope is not None:   # fused by fuse_activations, impl changed since: the same function
             x = leaky_relu(x, self.in_slope)
-        if self.impl == "native" and top == bottom and left == right:   # e.g. 3x3 stride 1: the conv pads itself
-            return F.conv2d(x, self.weight, self.bias, self.same_stride, (top, left))
+        if top == bottom == left == right:   # e.g. 3x3 stride 1: the convolution pads itself
+            if self.impl == "adjoint":
+                return conv.conv2d_adjoint(x, self.weight, self.bias, self.same_stride, top)
+            return F.conv2d(x, self.weight, self.bias, self.same_stride, top)
         if top or bottom or left or right:
             x = F.pad(x, (left, right, top, bottom))
         if self.impl == "adjoint":
@@ -430,7 +432,8 @@ def _init_weights(net: nn.Module) -> None:
             nn.init.normal_(m.conv_out.weight, 0.0, m.branch_init_std)
 
 
-def set_conv_impl(model: nn.Module, impl: str = "gemm", strided_only: bool = True) -> nn.Module:
+def set_conv_impl(model: nn.Module, impl: str = "gemm", strided_only: bool = True,
+                  unstrided: Optional[str] = None) -> nn.Module:
     """Choose how the model's SAME convolutions are computed; returns ``model``.
 
     ``"native"``: torch's conv2d / conv_transpose2d. ``"adjoint"``: the same cuDNN kernels through
@@ -439,10 +442,18 @@ def set_conv_impl(model: nn.Module, impl: str = "gemm", strided_only: bool = Tru
     same function with the same parameters (tests/test_step.py compares values and ConOpt's second
     derivatives in float64), so a model can be switched at any time and its state dict does not
     change. The reason is ConOpt's double backprop: on CUDA, PyTorch differentiates the backward of
-    a *strided* convolution with a slow non-cuDNN kernel. ``strided_only`` leaves the stride-1
-    convolutions (ResNet blocks), whose double backward stays on cuDNN, native. numgan.train uses
-    ``"gemm"`` on CUDA: on an H100 it gave the fastest ConOpt step of the three (cuDNN's strided dgrad
-    kernels and its NCHW/NHWC conversions made "adjoint" slower; benchmarks/results/step-cuda.md).
+    a *strided* convolution with a slow non-cuDNN kernel. numgan.train uses ``"gemm"`` for the strided
+    layers on CUDA: on an H100 it gave the fastest ConOpt step of the three (cuDNN's strided dgrad kernels
+    and its NCHW/NHWC conversions made "adjoint" slower; benchmarks/results/step-cuda.md).
+
+    The stride-1 convolutions (the ResNets' 3x3 blocks) get ``unstrided`` if given, else ``impl`` with
+    ``strided_only=False``, else ``"native"``. Their native double backward stays on cuDNN but forms the
+    weight gradient's derivative as a convolution of the batch-transposed input with the batch-transposed
+    output gradient as its kernel (a kernel the size of the feature map, e.g. 32 x 32 over 128 "channels"
+    that are the batch), after copying both transposes; ``"adjoint"`` keeps every derivative order on the
+    three usual algorithms (fprop, dgrad, wgrad) with the padding inside cuDNN, and ``"gemm"`` would
+    write 9-fold im2col copies of the largest activations. numgan.train's ConOpt and smoothing use
+    ``"adjoint"`` for them (:func:`numgan.train.fast_conv_impl`).
 
     With ``"gemm"`` every SAME layer's weight is stored channels-last (same values, other strides): a GEMM
     layer's memory is then the [out, k k in] matrix of the GEMM (numgan.conv's "pqc" column layout), so
@@ -453,14 +464,16 @@ def set_conv_impl(model: nn.Module, impl: str = "gemm", strided_only: bool = Tru
     layer's im2col / col2im kernel (:func:`fuse_activations`): the same function, without the activation's
     own kernels in every derivative order.
     """
-    if impl not in CONV_IMPLS:
-        raise ValueError(f"unknown conv implementation {impl!r}; choose one of {CONV_IMPLS}")
+    if unstrided is None:
+        unstrided = "native" if strided_only else impl
+    for name in (impl, unstrided):
+        if name not in CONV_IMPLS:
+            raise ValueError(f"unknown conv implementation {name!r}; choose one of {CONV_IMPLS}")
     for m in model.modules():
         if isinstance(m, (SameConv2d, SameConvTranspose2d)):
-            strided = m.stride[0] > 1
-            m.impl = impl if (strided or not strided_only) else "native"
-            # a stride-1 layer left native in a "gemm" model sees channels-last activations: channels-last
-            # weights keep its weight gradient in the weight's layout too
+            m.impl = impl if m.stride[0] > 1 else unstrided
+            # a stride-1 layer (native or adjoint) in a "gemm" model sees channels-last activations:
+            # channels-last weights keep cuDNN on NHWC and its weight gradient in the weight's layout too
             fmt = torch.channels_last if impl == "gemm" and conv.COLS_LAYOUT == "pqc" else torch.contiguous_format
             if not m.weight.is_contiguous(memory_format=fmt):
                 m.weight.data = m.weight.data.contiguous(memory_format=fmt)

@@ -112,14 +112,19 @@ class Diverged(Exception):
 _INIT_LOCK = threading.Lock()
 
 
-def fast_conv_impl(method: str) -> str:
-    """The convolution form of the fast path (numgan.models.set_conv_impl) for a game optimiser.
+def fast_conv_impl(method: str, strided: bool = True) -> str:
+    """The convolution form of the fast path (numgan.models.set_conv_impl) for a game optimiser, for its
+    strided convolutions, or with ``strided=False`` for its stride-1 ones (the ResNets' 3x3 blocks).
 
     Methods that differentiate the players' gradients again (ConOpt, smoothing) use the im2col/GEMM
-    form, whose second derivatives avoid PyTorch's slow strided-convolution double backward; first-order
-    methods keep torch's native (cuDNN) convolutions, which were as fast or faster for them on an H100
-    (benchmarks/results/step-cuda.md, cost-cuda.md)."""
-    return "gemm" if method in ("conopt", "smooth") else "native"
+    form for strided convolutions, whose second derivatives avoid PyTorch's slow strided-convolution double
+    backward, and the "adjoint" form for stride-1 ones, whose derivatives of every order are cuDNN's three
+    usual algorithms (PyTorch's own double backward convolves with a feature-map-sized kernel:
+    numgan.models.set_conv_impl). First-order methods keep torch's native (cuDNN) convolutions, which were as
+    fast or faster for them on an H100 (benchmarks/results/step-cuda.md, cost-cuda.md)."""
+    if method not in ("conopt", "smooth"):
+        return "native"
+    return "gemm" if strided else "adjoint"
 
 
 def set_precision(device, tf32: bool) -> None:
@@ -161,7 +166,8 @@ def build_training(cfg: TrainConfig, images: torch.Tensor, device, fast: Optiona
     if fast:
         from .models import set_conv_impl
 
-        set_conv_impl(G, fast_conv_impl(cfg.method)), set_conv_impl(D, fast_conv_impl(cfg.method))
+        impls = dict(impl=fast_conv_impl(cfg.method), unstrided=fast_conv_impl(cfg.method, strided=False))
+        set_conv_impl(G, **impls), set_conv_impl(D, **impls)
     opt = make_game_optimizer(cfg.method, G.parameters(), D.parameters(), lr=cfg.lr, gamma=cfg.gamma,
                               **_optimizer_kwargs(cfg))
     sampler = ImageSampler(images, cfg.batch_size, device=device, seed=cfg.seed)
@@ -190,8 +196,9 @@ def train(cfg: TrainConfig, run_dir=None, device="cpu", images: Optional[torch.T
             for splitting a long run over several time-limited jobs. The result is then marked
             ``status = "partial"``.
         fast: the issue-4 fast path, default on for CUDA: the whole step replayed from a CUDA graph
-            (numgan.step) and, for ConOpt and smoothing, strided convolutions as im2col + matrix products
-            (:func:`fast_conv_impl`; benchmarks/results/step-cuda.md).
+            (numgan.step) and, for ConOpt and smoothing, strided convolutions as im2col + matrix products and
+            stride-1 ones as cuDNN calls closed under differentiation (:func:`fast_conv_impl`;
+            benchmarks/results/step-cuda.md).
             It computes the same function as the eager step (tests/test_step.py), so it is not part of
             the run's cache key; ``fast=False`` is the plain eager reference.
     Returns keys: ``eval_iters``, ``grids`` (uint8 [K, 64, C, H, W]), ``is_mean``, ``is_std``, ``fid``,

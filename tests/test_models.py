@@ -591,3 +591,31 @@ def test_tf_batchnorm_closed_form_gives_torchs_conopt_update(float64):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="more than one value per channel"):
         TFBatchNorm(3).double()(torch.randn(1, 3))
+
+
+@pytest.mark.parametrize("k, s, p, n", [(3, 1, 1, 6), (3, 1, 0, 5), (5, 2, 2, 7), (5, 2, 1, 8)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_adjoint_convolutions_with_padding_have_torchs_derivatives(k, s, p, n, channels_last):
+    """numgan.conv's Conv / ConvT / WGrad with cuDNN-side padding (the stride-1 ResNet layers of the fast path):
+    values as F.conv2d / conv_transpose2d, first and second derivatives by gradcheck / gradgradcheck, in
+    float64, also on channels-last inputs (what the GEMM layers hand them)."""
+    from numgan import conv
+
+    gen = torch.Generator().manual_seed(k * 100 + s * 10 + p)
+    x = torch.randn(2, 3, n, n, dtype=torch.float64, generator=gen)
+    w = torch.randn(4, 3, k, k, dtype=torch.float64, generator=gen)
+    if channels_last:
+        x, w = x.contiguous(memory_format=torch.channels_last), w.contiguous(memory_format=torch.channels_last)
+    y = conv.Conv.apply(x, w, s, p)
+    torch.testing.assert_close(y, F.conv2d(x, w, stride=s, padding=p))
+    g = torch.randn(y.shape, dtype=torch.float64, generator=gen)
+    torch.testing.assert_close(conv.ConvT.apply(g, w, s, p, (n, n)),
+                               torch.autograd.grad(F.conv2d(x.requires_grad_(), w, stride=s, padding=p), x, g)[0])
+    torch.testing.assert_close(conv.WGrad.apply(x, g, s, p, tuple(w.shape)),
+                               torch.autograd.grad(F.conv2d(x, w.requires_grad_(), stride=s, padding=p), w, g)[0])
+    x, w, g = (t.detach().requires_grad_() for t in (x, w, g))
+    for fn, args in ((lambda a, b: conv.Conv.apply(a, b, s, p), (x, w)),
+                     (lambda a, b: conv.ConvT.apply(a, b, s, p, (n, n)), (g, w)),
+                     (lambda a, b: conv.WGrad.apply(a, b, s, p, tuple(w.shape)), (x, g))):
+        assert torch.autograd.gradcheck(fn, args)
+        assert torch.autograd.gradgradcheck(fn, args)

@@ -25,7 +25,7 @@ def _perturb(model, gen):
             p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
 
 
-@pytest.mark.parametrize("impl", ["adjoint", "gemm"])
+@pytest.mark.parametrize("impl", ["adjoint", "gemm", "gemm+adjoint"])   # the last: strided, stride-1 (numgan.train)
 @pytest.mark.parametrize("arch,size", [("dcgan4_nobn", 32), ("dcgan3", 32), ("resnet_cf", 32), ("dcgan4_nobn", 48)])
 def test_fast_convolutions_equal_native_values_and_conopt_directions(float64, arch, size, impl):
     gen = torch.Generator().manual_seed(hash(arch) % 1000 + size)
@@ -37,7 +37,9 @@ def test_fast_convolutions_equal_native_values_and_conopt_directions(float64, ar
 
     def conopt_update(impl):
         G.load_state_dict(state[0]), D.load_state_dict(state[1])
-        set_conv_impl(G, impl, strided_only=False), set_conv_impl(D, impl, strided_only=False)
+        strided, _, unstrided = impl.partition("+")
+        for m in (G, D):
+            set_conv_impl(m, strided, unstrided=unstrided or strided)
         # SGD with lr 1: the parameter change is minus ConOpt's direction u + gamma J^T u
         opt = make_game_optimizer("conopt", G.parameters(), D.parameters(), gamma=0.7,
                                   optimizer=lambda ps: torch.optim.SGD(ps, lr=1.0))
@@ -105,10 +107,57 @@ def test_set_conv_impl_rejects_unknown_and_keeps_stride_one_native():
     G, D = build_models("resnet_cf", 32, z_dim=8, f_dim=4)
     with pytest.raises(ValueError, match="unknown conv implementation"):
         set_conv_impl(D, "winograd")
+    with pytest.raises(ValueError, match="unknown conv implementation 'fft'"):
+        set_conv_impl(D, "gemm", unstrided="fft")
     set_conv_impl(D, "adjoint")
     impls = {m.stride[0]: m.impl for m in D.modules() if hasattr(m, "impl")}
     assert impls == {2: "adjoint", 1: "native"}
+    set_conv_impl(D, "gemm", unstrided="adjoint")
+    assert {m.stride[0]: m.impl for m in D.modules() if hasattr(m, "impl")} == {2: "gemm", 1: "adjoint"}
+    set_conv_impl(D, "gemm", strided_only=False)
+    assert {m.stride[0]: m.impl for m in D.modules() if hasattr(m, "impl")} == {2: "gemm", 1: "gemm"}
     assert set(G.state_dict()) == set(build_models("resnet_cf", 32, z_dim=8, f_dim=4)[0].state_dict())
+
+
+def _conv_kernel_sizes(G, D, z, x):
+    """The spatial kernel size of every convolution a ConOpt step of (G, D) launches, derivatives included."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Trace(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.convolution.default:
+                seen.append(tuple(args[1].shape[-2:]))
+            elif func is torch.ops.aten.convolution_backward.default:
+                seen.append(tuple(args[2].shape[-2:]))
+            return func(*args, **(kwargs or {}))
+
+    opt = make_game_optimizer("conopt", G.parameters(), D.parameters(), gamma=1.0)
+
+    def closure(need_d=True, need_g=True):
+        d_fake = D(G(z))
+        return (torch.nn.functional.softplus(-D(x)).mean() + torch.nn.functional.softplus(d_fake).mean(),
+                torch.nn.functional.softplus(-d_fake).mean())
+
+    with Trace():
+        opt.step(closure)
+    return seen
+
+
+def test_stride_one_adjoint_convolutions_keep_every_derivative_on_small_kernels():
+    """Why numgan.train gives the ResNets' 3x3 blocks the "adjoint" form for ConOpt: PyTorch's own double
+    backward of a stride-1 convolution forms the weight gradient's derivative as a convolution whose kernel is
+    a whole feature map (cuDNN runs such a convolution, but as nothing like its usual algorithms); the adjoint
+    Functions launch only convolutions with the layers' own 3x3 and 5x5 kernels, in every derivative order."""
+    G, D = build_models("resnet_cf", 32, z_dim=8, f_dim=4)
+    z, x = torch.randn(4, 8), torch.rand(4, 3, 32, 32) * 2 - 1
+    set_conv_impl(G, "gemm"), set_conv_impl(D, "gemm")          # stride 1 native
+    native = _conv_kernel_sizes(G, D, z, x)
+    assert max(native) >= (16, 16)                              # feature-map-sized "kernels"
+    set_conv_impl(G, "gemm", unstrided="adjoint"), set_conv_impl(D, "gemm", unstrided="adjoint")
+    adjoint = _conv_kernel_sizes(G, D, z, x)
+    assert set(adjoint) == {(3, 3)} and len(adjoint) > len(native) / 2
 
 
 def _make_step(method, static, seed=0, **opt_kw):
@@ -221,6 +270,8 @@ def test_fast_path_picks_gemm_convolutions_only_for_second_order_methods():
 
     assert [fast_conv_impl(m) for m in ("conopt", "smooth", "simga", "altga", "clip")] == \
         ["gemm", "gemm", "native", "native", "native"]
+    assert [fast_conv_impl(m, strided=False) for m in ("conopt", "smooth", "simga", "altga", "clip")] == \
+        ["adjoint", "adjoint", "native", "native", "native"]
 
 
 def test_every_image_run_belongs_to_a_figure():
