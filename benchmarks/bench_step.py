@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 from numgan.activations import LeakyReLU  # noqa: E402
 from numgan.data import ImageSampler  # noqa: E402
-from numgan.models import TFBatchNorm, build_models, set_conv_impl  # noqa: E402
+from numgan.models import LEAK, ResidualBlock, TFBatchNorm, build_models, set_conv_impl  # noqa: E402
 from numgan.train import TrainConfig, build_training, fast_conv_impl, set_precision  # noqa: E402
 
 
@@ -112,17 +113,26 @@ def settings(variant):
             setattr(conv, k, v)
 
 
+class PlainResidualBlock(ResidualBlock):
+    """numgan.models.ResidualBlock with torch's leaky ReLU (and its double backward), for the plain port."""
+
+    def forward(self, h):
+        r = self.conv_out(F.leaky_relu(self.conv_in(F.leaky_relu(h, LEAK)), LEAK))
+        return h + (self.scale * r if self.scale != 1.0 else r)
+
+
 def build(variant, method, arch, batch, images, device, seed=0, tf32=True, f_dim=64):
     """(step, G, D) of a variant; every variant starts from the same initialisation (seed)."""
     if VARIANTS[variant] is None:
         torch.manual_seed(seed)
         G, D = build_models(arch, images.shape[-1], z_dim=256, f_dim=f_dim, channels=images.shape[1])
         G, D = G.to(device), D.to(device)
-        # the usual port's activation: torch's own (ResidualBlock calls numgan.activations directly; the
-        # benchmarked architecture, dcgan4_nobn, has none)
+        # the usual port's activation: torch's own, also inside the ResNet blocks (which call numgan's)
         for m in list(G.modules()) + list(D.modules()):
             if isinstance(m, LeakyReLU):
                 m.__class__ = torch.nn.LeakyReLU
+            if isinstance(m, ResidualBlock):
+                m.__class__ = PlainResidualBlock
             if isinstance(m, TFBatchNorm):   # and torch's batch-norm derivatives
                 m.closed_form = False
         return plain_port(G, D, method, ImageSampler(images, batch, device=device, seed=seed), 256, batch), G, D

@@ -2,8 +2,8 @@
 
 ConOpt differentiates the game's gradient once more (paper Eq. 16-17: grad 1/2 ||v||^2 = v'^T v),
 so every convolution is differentiated twice. PyTorch's own double backward of a *strided*
-convolution (``_convolution_double_backward``) expresses the derivative of the weight gradient as a
-dilated convolution, which CUDA runs on a slow non-cuDNN kernel (``slow_conv_dilated2d``: 60% of a
+convolution (``_convolution_double_backward``) expresses the derivative of the input gradient with respect
+to the weight as a dilated convolution, which CUDA runs on a slow non-cuDNN kernel (``slow_conv_dilated2d``: 60% of a
 ConOpt step's GPU time, shared/notes/perf-leads.md).
 
 A convolution y = conv(x, W) (stride s, no padding) is bilinear, and its two first derivatives are
@@ -29,9 +29,10 @@ derivatives (gradcheck, gradgradcheck).
 
 This matters most for stride-1 convolutions, which numgan.train runs in this form for ConOpt and smoothing
 (the ResNets' 3x3 blocks, Fig. 10): PyTorch's own double backward of a convolution forms the derivative of
-the weight gradient with respect to the input as a convolution of the batch-transposed input with the
-batch-transposed output gradient as its kernel, a kernel as large as the feature map (32 x 32 over the
-batch as channels for resnet_cf at 64 x 64), after copying both transposes (numgan.models.set_conv_impl).
+the input gradient with respect to the weight, wgrad(ggI, gO), as a convolution of the batch-transposed ggI
+(the gradient flowing back into the input gradient) with the batch-transposed output gradient as its kernel,
+a kernel as large as the feature map (32 x 32 over the batch as channels for resnet_cf at 64 x 64), after
+copying both transposes (numgan.models.set_conv_impl).
 
 ``conv2d_gemm`` / ``conv_transpose2d_gemm`` are a second formulation (im2col + one matrix product),
 whose derivatives are matrix products, im2col and col2im. A leaky ReLU next to such a layer can be computed

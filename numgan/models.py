@@ -448,9 +448,10 @@ def set_conv_impl(model: nn.Module, impl: str = "gemm", strided_only: bool = Tru
 
     The stride-1 convolutions (the ResNets' 3x3 blocks) get ``unstrided`` if given, else ``impl`` with
     ``strided_only=False``, else ``"native"``. Their native double backward stays on cuDNN but forms the
-    weight gradient's derivative as a convolution of the batch-transposed input with the batch-transposed
-    output gradient as its kernel (a kernel the size of the feature map, e.g. 32 x 32 over 128 "channels"
-    that are the batch), after copying both transposes; ``"adjoint"`` keeps every derivative order on the
+    input gradient's derivative with respect to the weight as a convolution of the batch-transposed ggI (what
+    flows back into the input gradient) with the batch-transposed output gradient as its kernel (a kernel the
+    size of the feature map, e.g. 32 x 32 over 128 "channels" that are the batch), after copying both
+    transposes; ``"adjoint"`` keeps every derivative order on the
     three usual algorithms (fprop, dgrad, wgrad) with the padding inside cuDNN, and ``"gemm"`` would
     write 9-fold im2col copies of the largest activations. numgan.train's ConOpt and smoothing use
     ``"adjoint"`` for them (:func:`numgan.train.fast_conv_impl`).
@@ -474,7 +475,8 @@ def set_conv_impl(model: nn.Module, impl: str = "gemm", strided_only: bool = Tru
             m.impl = impl if m.stride[0] > 1 else unstrided
             # a stride-1 layer (native or adjoint) in a "gemm" model sees channels-last activations:
             # channels-last weights keep cuDNN on NHWC and its weight gradient in the weight's layout too
-            fmt = torch.channels_last if impl == "gemm" and conv.COLS_LAYOUT == "pqc" else torch.contiguous_format
+            fmt = torch.channels_last if "gemm" in (impl, unstrided) and conv.COLS_LAYOUT == "pqc" \
+                else torch.contiguous_format
             if not m.weight.is_contiguous(memory_format=fmt):
                 m.weight.data = m.weight.data.contiguous(memory_format=fmt)
     return fuse_activations(model)

@@ -103,8 +103,13 @@ def _compiler_version(cc: list) -> str:
 
 
 def extra_flags() -> list:
-    """``$NUMGAN_NATIVE_CFLAGS`` split like a shell would (appended to the build flags; part of the cache key)."""
-    return shlex.split(os.environ.get("NUMGAN_NATIVE_CFLAGS", ""))
+    """``$NUMGAN_NATIVE_CFLAGS`` split like a shell would (appended to the build flags; part of the cache key);
+    NativeUnavailable if it is not shell syntax (an unclosed quote)."""
+    try:
+        return shlex.split(os.environ.get("NUMGAN_NATIVE_CFLAGS", ""))
+    except ValueError as e:
+        raise NativeUnavailable(f"NUMGAN_NATIVE_CFLAGS={os.environ['NUMGAN_NATIVE_CFLAGS']!r} cannot be split into "
+                                f"flags ({e}); fix or unset it") from e
 
 
 def _build(dtype: torch.dtype) -> Path:

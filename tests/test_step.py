@@ -147,8 +147,8 @@ def _conv_kernel_sizes(G, D, z, x):
 
 def test_stride_one_adjoint_convolutions_keep_every_derivative_on_small_kernels():
     """Why numgan.train gives the ResNets' 3x3 blocks the "adjoint" form for ConOpt: PyTorch's own double
-    backward of a stride-1 convolution forms the weight gradient's derivative as a convolution whose kernel is
-    a whole feature map (cuDNN runs such a convolution, but as nothing like its usual algorithms); the adjoint
+    backward of a stride-1 convolution forms the input gradient's derivative with respect to the weight as a
+    convolution whose kernel is a whole feature map (cuDNN runs such a convolution, but as nothing like its usual algorithms); the adjoint
     Functions launch only convolutions with the layers' own 3x3 and 5x5 kernels, in every derivative order."""
     G, D = build_models("resnet_cf", 32, z_dim=8, f_dim=4)
     z, x = torch.randn(4, 8), torch.rand(4, 3, 32, 32) * 2 - 1
