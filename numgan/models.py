@@ -115,15 +115,12 @@ class SameConv2d(nn.Conv2d):
                                     in_slope=self.in_slope)
         if self.in_slope is not None:   # fused by fuse_activations, impl changed since: the same function
             x = leaky_relu(x, self.in_slope)
-        if top == bottom == left == right:   # e.g. 3x3 stride 1: the convolution pads itself
-            if self.impl == "adjoint":
-                return conv.conv2d_adjoint(x, self.weight, self.bias, self.same_stride, top)
-            return F.conv2d(x, self.weight, self.bias, self.same_stride, top)
-        if top or bottom or left or right:
-            x = F.pad(x, (left, right, top, bottom))
+        pad = top   # symmetric (e.g. 3x3 stride 1): the convolution pads itself; else pad x first
+        if not top == bottom == left == right:
+            x, pad = F.pad(x, (left, right, top, bottom)), 0
         if self.impl == "adjoint":
-            return conv.conv2d_adjoint(x, self.weight, self.bias, self.same_stride)
-        return super().forward(x)
+            return conv.conv2d_adjoint(x, self.weight, self.bias, self.same_stride, pad)
+        return F.conv2d(x, self.weight, self.bias, self.same_stride, pad)
 
 
 class SameConvTranspose2d(nn.ConvTranspose2d):

@@ -122,10 +122,10 @@ def _build(dtype: torch.dtype) -> Path:
     defines = [f"-DREAL={real}"] + (["-DREAL_IS_DOUBLE"] if real == "double" else [])
     src = SOURCE.read_bytes()
     out_dir = cache_dir()
-    version, cpu = _compiler_version(cc), _cpu_identity()
+    version, cpu, extra = _compiler_version(cc), _cpu_identity(), extra_flags()
     candidates = []
     for tune in _TUNE_FLAGS:
-        flags = _BASE_FLAGS + tune + defines + extra_flags()
+        flags = _BASE_FLAGS + tune + defines + extra
         key = hashlib.sha256(b"\0".join([src, " ".join(flags).encode(), " ".join(cc).encode(), version.encode(),
                                          cpu.encode()])).hexdigest()[:16]
         candidates.append((tune, flags, out_dir / f"mog_native-{real}-{key}.so"))
@@ -155,7 +155,7 @@ def _build(dtype: torch.dtype) -> Path:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     hint = (f" (with NUMGAN_NATIVE_CFLAGS={os.environ['NUMGAN_NATIVE_CFLAGS']!r}: unset it to build with the "
-            "defaults)") if extra_flags() else ""
+            "defaults)") if extra else ""
     raise NativeUnavailable(f"compiling {SOURCE.name} with {' '.join(cc)} failed{hint}:\n" + "\n".join(errors))
 
 
