@@ -15,6 +15,8 @@ Variants, all on the same models, data and precision:
   fast-split-d the same with D called on the real and the fake batch separately: fewer FLOPs (the joint
                pass backpropagates L_G through zero real rows: ConOpt 171 vs 155 GFLOP), twice the D kernels
   fast-noalign the fast path with 3-channel layers' 75-wide column matrices unpadded (numgan.conv.ALIGN = 0)
+  fast-unpaired the fast path with the GEMM layers' earlier form (numgan.conv.PAIR_COLUMNS = False): ConOpt's
+               second pass adds each column matrix's two cotangents before col2im instead of inside it
   fast-native1 the fast path with stride-1 convolutions (the ResNets' 3x3 blocks) native, as before they became
                "adjoint" for ConOpt and smoothing (numgan.train.fast_conv_impl): for --arch resnet_cf
   (--variants also takes "adjoint" and "gemm": those convolutions without the graph)
@@ -91,13 +93,15 @@ VARIANTS = {  # name -> (conv implementation, CUDA graph, joint D pass); None = 
     "plain": None, "eager": ("native", False, None), "graph": ("native", True, None),
     "adjoint-graph": ("adjoint", True, None), "fast": (None, True, None), "fast-split-d": (None, True, False),
     "adjoint": ("adjoint", False, None), "gemm": ("gemm", False, None), "eager-split-d": ("native", False, False),
-    "fast-noalign": (None, True, None), "fast-native1": (None, True, None),
+    "fast-noalign": (None, True, None), "fast-native1": (None, True, None), "fast-unpaired": (None, True, None),
 }
 # stride-1 convolutions of a variant, where not numgan.train's (fast_conv_impl(method, strided=False))
 UNSTRIDED = {"fast-native1": "native"}
 # module settings a variant runs under (restored afterwards): "fast-noalign" stores 75-wide column matrices
-# unpadded (numgan.conv.ALIGN = 0, misaligned rows for cuBLAS), to time what the padding gains
-SETTINGS = {"fast-noalign": {"ALIGN": 0}}
+# unpadded (numgan.conv.ALIGN = 0, misaligned rows for cuBLAS), to time what the padding gains; "fast-unpaired"
+# runs the GEMM layers in their earlier form (numgan.conv.PAIR_COLUMNS = False: ConOpt's second pass sums each
+# column matrix's two cotangents with a kernel of its own before col2im)
+SETTINGS = {"fast-noalign": {"ALIGN": 0}, "fast-unpaired": {"PAIR_COLUMNS": False}}
 
 
 @contextlib.contextmanager

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import common  # noqa: E402
-from bench_step import build  # noqa: E402
+from bench_step import build, settings  # noqa: E402
 from numgan import conv, rmsprop  # noqa: E402
 
 # operators that launch no kernel besides views (``func.is_view``): allocation and metadata
@@ -50,7 +50,7 @@ NO_KERNEL = {
     "sym_numel", "_record_function_enter_new", "_record_function_exit", "_unsafe_view",
 }
 KINDS = [  # (kind, operator names); the first match wins, the rest is "elementwise"
-    ("GEMM", {"mm", "addmm", "bmm", "baddbmm", "matmul", "convolution", "_convolution", "cudnn_convolution",
+    ("GEMM", {"mm", "addmm", "addmm_", "bmm", "baddbmm", "matmul", "convolution", "_convolution", "cudnn_convolution",
               "cudnn_convolution_transpose", "convolution_backward", "convolution_overrideable"}),
     ("im2col/col2im", {"im2col", "col2im"}),
     ("reduction", {"sum", "mean", "norm", "linalg_vector_norm", "dot", "vdot", "max", "min", "amax"}),
@@ -173,10 +173,11 @@ def main():
     for method in args.methods.split(","):
         for variant in args.variants.split(","):
             # "fast" on the CPU: numgan.train's CUDA-path step (fast_conv_impl's convolutions), run eagerly
-            step, _, _ = build(variant, method, args.arch, args.batch, images, torch.device("cpu"))
-            for _ in range(2):     # optimiser state exists, lazy initialisation done
-                step()
-            counts, nbytes = count_step(step, with_bytes=True)
+            with settings(variant):   # e.g. fast-unpaired: numgan.conv.PAIR_COLUMNS = False
+                step, _, _ = build(variant, method, args.arch, args.batch, images, torch.device("cpu"))
+                for _ in range(2):     # optimiser state exists, lazy initialisation done
+                    step()
+                counts, nbytes = count_step(step, with_bytes=True)
             by_kind, mb_kind = collections.Counter(), collections.Counter()
             for op, n in counts.items():
                 by_kind[kind_of(op)] += n

@@ -21,14 +21,14 @@ case "$part" in
           tests/test_mog_triton.py -k "cuda"
     ;;
   step)
-    "$py" benchmarks/bench_step.py --device cuda --methods simga,altga,conopt --variants plain,fast,fast-split-d,fast-noalign \
+    "$py" benchmarks/bench_step.py --device cuda --methods simga,altga,conopt --variants plain,fast,fast-split-d,fast-noalign,fast-unpaired \
           --check-iters 10 --record
     "$py" benchmarks/profile_step.py --method conopt --variant fast --rows 30 --summary
     "$py" benchmarks/profile_step.py --method conopt --variant gemm --rows 5 --by-shape
     "$py" benchmarks/bench_gemm.py --device cuda --method conopt --record
     # Fig. 10's ResNet: stride-1 convolutions "adjoint" (the fast path now) vs native (before)
     "$py" benchmarks/bench_step.py --device cuda --arch resnet_cf --image-size 64 --f-dim 128 --batch 128 \
-          --methods simga,conopt --variants plain,fast,fast-native1 --iters 10 --warmup 3 --check-iters 3 --record
+          --methods simga,conopt --variants plain,fast,fast-native1,fast-unpaired --iters 10 --warmup 3 --check-iters 3 --record
     ;;
   mog)
     "$py" benchmarks/bench_mog.py --device cuda --seeds 256 --methods conopt --engines fused --graph-k 10 \

@@ -39,7 +39,10 @@ whose derivatives are matrix products, im2col and col2im. A leaky ReLU next to s
 by its im2col (on the input) or col2im (on the output); its derivative is then a mask inside the same
 kernels (numgan.models.fuse_activations). ``Im2Col`` / ``Col2Im`` are a pair of mutually
 adjoint autograd Functions (each one's vector-Jacobian product is the other), so ConOpt's second derivatives
-stay on them too. On CUDA both are Triton kernels: col2im in gather form (each output element sums its
+stay on them too. ConOpt's second backward pass gives a column matrix two cotangents, one from each product
+it enters; ``Im2ColPair`` hands the matrix to the two products as two handles and col2im gathers both
+cotangents in one pass, where autograd would first add them up (``PAIR_COLUMNS``). On CUDA both are Triton
+kernels: col2im in gather form (each output element sums its
 <= ceil(k/s)^2 column entries: no atomics, deterministic) with the bias add and the SAME crop fused, reading
 the GEMM's channels-innermost columns and writing channels-last memory, so that the next GEMM reads its rows
 without a copy. On the CPU, or where Triton cannot be imported, the same functions run as strided views and
@@ -175,6 +178,10 @@ _LAYOUTS = ("pqc", "cpq")
 # back to slower ones. The padding columns are zero (im2col writes them, col2im ignores them, a GEMM weight
 # matrix gets as many zero columns), so every product is the same. 0 or 1: no padding.
 ALIGN = 4
+# Each GEMM layer hands its column matrix out twice (Im2ColPair, Linear, ConvTGemm below), so that ConOpt's second
+# backward pass gathers the two cotangents it gets inside col2im instead of adding them up first. False: the
+# earlier form (Im2Col / Col2Im around torch's own matrix products), the same function; bench_step.py times both.
+PAIR_COLUMNS = True
 
 
 def _width(n: int) -> int:
@@ -238,11 +245,14 @@ def _im2col_torch(x: Tensor, g: _Geom, m=None, slope=None) -> Tensor:
     return cols if _width(n) == n else F.pad(cols, (0, _width(n) - n))
 
 
-def _col2im_torch(cols: Tensor, bias, g: _Geom, m=None, slope=None, act: bool = False) -> Tensor:
+def _col2im_torch(cols: Tensor, bias, g: _Geom, m=None, slope=None, act: bool = False, cols2=None) -> Tensor:
     """col2im as ``unfold_backward`` per spatial axis, then crop (or zero-pad) to the image, plus bias; then
-    masked by the leaky ReLU's derivative at m (m given), or the leaky ReLU applied (``act``)."""
+    masked by the leaky ReLU's derivative at m (m given), or the leaky ReLU applied (``act``). ``cols2``: a
+    second column matrix of the same shape, summed with ``cols`` first."""
     b, c = cols.shape[0] // (g.ho * g.wo), cols.shape[1] // (g.k * g.k)
     cols = cols[:, :g.k * g.k * c]                                       # without ALIGN's zero columns
+    if cols2 is not None:
+        cols = cols + cols2[:, :g.k * g.k * c]
     hf, wf = (g.ho - 1) * g.s + g.k, (g.wo - 1) * g.s + g.k
     if g.layout == "pqc":
         v = cols.reshape(b, g.ho, g.wo, g.k, g.k, c).permute(0, 5, 1, 2, 3, 4)   # [B, C, Ho, Wo, k, k]
@@ -259,14 +269,16 @@ def _col2im_torch(cols: Tensor, bias, g: _Geom, m=None, slope=None, act: bool = 
 
 if triton is not None:
     @triton.jit
-    def _col2im_kernel(cols, bias, out, mask_src, slope, n_pos, C, H, W, Ho, Wo, top, left,
-                       s_b, s_i, s_j, s_p, s_q, s_c, o_b, o_c, o_h, o_w, m_b, m_c, m_h, m_w,
+    def _col2im_kernel(cols, cols2, bias, out, mask_src, slope, n_pos, C, H, W, Ho, Wo, top, left,
+                       s_b, s_i, s_j, s_p, s_q, s_c, t_b, t_i, t_j, t_p, t_q, t_c,
+                       o_b, o_c, o_h, o_w, m_b, m_c, m_h, m_w,
                        K: tl.constexpr, S: tl.constexpr, KT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       MASK: tl.constexpr, ACT: tl.constexpr,
+                       TWO: tl.constexpr, MASK: tl.constexpr, ACT: tl.constexpr,
                        ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         # Gather form: output element (b, c, h, w) sums the <= KT^2 column entries (b, i, j, p, q, c) with
-        # i s + p = h + top, j s + q = w + left (strides s_* of the columns as a 6-D tensor). No atomics; the
-        # summation order is fixed. A program: BLOCK_P positions (b, h, w) x BLOCK_C channels.
+        # i s + p = h + top, j s + q = w + left (strides s_* of the columns as a 6-D tensor), and with TWO the
+        # same entries of cols2 (strides t_*). No atomics; the summation order is fixed. A program: BLOCK_P
+        # positions (b, h, w) x BLOCK_C channels.
         pos = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         pmask = pos < n_pos
@@ -291,6 +303,11 @@ if triton is not None:
                 off = base_h + j * s_j + q * s_q
                 v = tl.load(cols + off[:, None] + c_off, mask=ok[:, None] & cmask[None, :], other=0.0)
                 acc += v.to(ACC)
+                if TWO:
+                    off2 = b * t_b + i * t_i + p * t_p + j * t_j + q * t_q
+                    v2 = tl.load(cols2 + off2[:, None] + (c * t_c)[None, :], mask=ok[:, None] & cmask[None, :],
+                                 other=0.0)
+                    acc += v2.to(ACC)
         if HAS_BIAS:
             acc += tl.load(bias + c, mask=cmask, other=0.0).to(ACC)[None, :]
         if MASK or ACT:   # the leaky ReLU's derivative at mask_src (MASK), or the leaky ReLU itself (ACT)
@@ -407,16 +424,23 @@ def _im2col_triton(x: Tensor, g: _Geom, m=None, slope=None) -> Tensor:
     return cols
 
 
-def _col2im_triton(cols: Tensor, bias, g: _Geom, m=None, slope=None, act: bool = False) -> Tensor:
+def _col_strides(cols: Tensor, g: _Geom, c: int) -> tuple:
+    """The strides of a column matrix as a 6-D [B, Ho, Wo, k, k, C] tensor."""
+    r0, r1 = cols.stride()
+    if g.layout == "pqc":
+        return g.ho * g.wo * r0, g.wo * r0, r0, g.k * c * r1, c * r1, r1
+    return g.ho * g.wo * r0, g.wo * r0, r0, g.k * r1, r1, g.k * g.k * r1
+
+
+def _col2im_triton(cols: Tensor, bias, g: _Geom, m=None, slope=None, act: bool = False, cols2=None) -> Tensor:
     b, c = cols.shape[0] // (g.ho * g.wo), cols.shape[1] // (g.k * g.k)
     out = torch.empty((b, c, g.h, g.w), device=cols.device, dtype=cols.dtype, memory_format=torch.channels_last)
     if out.numel() == 0:
         return out
-    r0, r1 = cols.stride()
-    if g.layout == "pqc":   # strides of the columns as a 6-D [B, Ho, Wo, k, k, C] tensor
-        strides = (g.ho * g.wo * r0, g.wo * r0, r0, g.k * c * r1, c * r1, r1)
-    else:
-        strides = (g.ho * g.wo * r0, g.wo * r0, r0, g.k * r1, r1, g.k * g.k * r1)
+    strides = _col_strides(cols, g, c)
+    strides2 = strides if cols2 is None else _col_strides(cols2, g, c)
+    if bias is not None:
+        bias = bias.contiguous()   # the kernel reads bias[c]; a cotangent as the bias (Im2ColPair) may be strided
     acc = tl.float64 if cols.dtype == torch.float64 else tl.float32
     bc = min(_MAX_BLOCK_C, triton.next_power_of_2(c))
     bp = max(_TILE // bc, 16)
@@ -424,10 +448,11 @@ def _col2im_triton(cols: Tensor, bias, g: _Geom, m=None, slope=None, act: bool =
     grid = (triton.cdiv(n_pos, bp), triton.cdiv(c, bc))
     masked = m is not None or act
     with device_guard(cols):
-        _col2im_kernel[grid](cols, cols if bias is None else bias, out, out if m is None else m,
-                             _slope_tensor(slope, cols) if masked else cols, n_pos, c, g.h, g.w, g.ho, g.wo,
-                             g.top, g.left, *strides, *out.stride(), *(out if m is None else m).stride(),
-                             K=g.k, S=g.s, KT=-(-g.k // g.s), HAS_BIAS=bias is not None, MASK=m is not None,
+        _col2im_kernel[grid](cols, cols if cols2 is None else cols2, cols if bias is None else bias, out,
+                             out if m is None else m, _slope_tensor(slope, cols) if masked else cols, n_pos, c,
+                             g.h, g.w, g.ho, g.wo, g.top, g.left, *strides, *strides2, *out.stride(),
+                             *(out if m is None else m).stride(), K=g.k, S=g.s, KT=-(-g.k // g.s),
+                             HAS_BIAS=bias is not None, TWO=cols2 is not None, MASK=m is not None,
                              ACT=bool(act), ACC=acc, BLOCK_P=bp, BLOCK_C=bc)
     return out
 
@@ -438,11 +463,17 @@ def _im2col(x: Tensor, g: _Geom, m=None, slope=None) -> Tensor:
     return _im2col_triton(x, g, m, slope) if ok else _im2col_torch(x, g, m, slope)
 
 
-def _col2im(cols: Tensor, bias, g: _Geom, m=None, slope=None, act: bool = False) -> Tensor:
+def _col2im(cols: Tensor, bias, g: _Geom, m=None, slope=None, act: bool = False, cols2=None) -> Tensor:
+    """col2im(cols (+ cols2)) + bias, masked or activated: the Triton kernel where it applies, else torch."""
+    if cols2 is not None and cols2.shape != cols.shape:
+        raise ValueError(f"col2im: two column sources of different shapes {list(cols.shape)}, {list(cols2.shape)}")
     n_out = cols.shape[0] // (g.ho * g.wo) * (cols.shape[1] // (g.k * g.k)) * g.h * g.w
     ok = _use_triton(cols, n_out) and (bias is None or (bias.device == cols.device and bias.dtype == cols.dtype))
     ok = ok and (m is None or (m.dtype == cols.dtype and _max_offset(m) <= _INT32_MAX))
-    return _col2im_triton(cols, bias, g, m, slope, act) if ok else _col2im_torch(cols, bias, g, m, slope, act)
+    ok = ok and (cols2 is None or (cols2.device == cols.device and cols2.dtype == cols.dtype
+                                   and _max_offset(cols2) <= _INT32_MAX))
+    fn = _col2im_triton if ok else _col2im_torch
+    return fn(cols, bias, g, m, slope, act, cols2)
 
 
 class Im2Col(torch.autograd.Function):
@@ -472,12 +503,14 @@ class Col2Im(torch.autograd.Function):
     """y = s(m) (col2im(cols) + bias): the adjoint of :class:`Im2Col` (each image element sums the column entries
     that copy it), with a per-channel bias added in the same pass, masked by the leaky ReLU's derivative at
     ``m`` when given. ``act=True`` instead applies the leaky ReLU itself, y = leaky_relu(col2im(cols) + bias):
-    then y's own sign picks the factors of its derivative, which is Im2Col masked at y."""
+    then y's own sign picks the factors of its derivative, which is Im2Col masked at y. ``cols2``: a second
+    column matrix of the same shape, gathered in the same pass (col2im(cols + cols2), without the sum as a
+    tensor of its own; its derivative is the same Im2Col)."""
 
     @staticmethod
-    def forward(ctx, cols, bias, geom, m=None, slope=None, act=False):
+    def forward(ctx, cols, bias, geom, m=None, slope=None, act=False, cols2=None):
         ctx.geom, ctx.slope, ctx.width = geom, slope, cols.shape[1]
-        y = _col2im(cols, bias, geom, m, slope, act)
+        y = _col2im(cols, bias, geom, m, slope, act, cols2)
         mask_src = y if act else m
         if mask_src is not None:
             ctx.save_for_backward(mask_src)
@@ -486,13 +519,174 @@ class Col2Im(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         m = ctx.saved_tensors[0] if ctx.saved_tensors else None
-        gc = Im2Col.apply(gy, ctx.geom, m, ctx.slope) if ctx.needs_input_grad[0] else None
-        if gc is not None and gc.shape[1] != ctx.width:   # columns given without ALIGN's zero columns
-            gc = gc[:, :ctx.width]
+        need = ctx.needs_input_grad + (False,) * (7 - len(ctx.needs_input_grad))   # cols2 may not be given
+        gc = None
+        if need[0] or need[6]:
+            gc = Im2Col.apply(gy, ctx.geom, m, ctx.slope)
+            if gc.shape[1] != ctx.width:   # columns given without ALIGN's zero columns
+                gc = gc[:, :ctx.width]
         gb = None
-        if ctx.needs_input_grad[1]:
+        if need[1]:
             gb = (gy if m is None else leaky_relu_grad(gy, m, ctx.slope)).sum((0, 2, 3))
-        return gc, gb, None, None, None, None
+        grads = (gc if need[0] else None, gb, None, None, None, None, gc if need[6] else None)
+        return grads[:len(ctx.needs_input_grad)]
+
+
+# ---------------------------------------------------------------------------------------------
+# one GEMM layer, differentiated twice without summing its column matrices' cotangents as tensors
+# ---------------------------------------------------------------------------------------------
+#
+# In ConOpt's second backward pass a column matrix X = im2col(x) of a convolution y = X W^T receives two
+# cotangents, ggy W from the product and gy dgW from the weight gradient gW = gy^T X of the first pass, and
+# the transposed convolution's im2col(gy) likewise one from each product of its first backward pass. With
+# torch's own matrix products autograd adds the two (a kernel reading two column matrices and writing a
+# third, the largest tensors of the step: benchmarks/README.md, item 17), and the sum then goes to col2im.
+# Here the column matrix is handed out twice (:class:`Im2ColPair`: one tensor and a view of it), one use per
+# product, so the two cotangents reach Im2ColPair's derivative apart and col2im gathers from both in one pass.
+# :class:`LinearGrad` does the same for the output gradient gy of a convolution, whose cotangent is
+# dgX W + X dgW + dgb: one matrix product accumulated into the other (beta = 1), the bias as its addend.
+
+
+def _mark_inputs(ctx, *inputs) -> None:
+    """Record which of a custom Function's inputs are tensors (for :func:`_needed`); call it in ``forward``."""
+    ctx.tensor_inputs = tuple(isinstance(t, Tensor) for t in inputs)
+
+
+def _needed(ctx) -> tuple:
+    """Which inputs of a custom Function's node this backward pass needs gradients for. ``ctx.needs_input_grad``
+    only says which inputs require grad; torch's own nodes also skip what the current pass does not ask for
+    (e.g. the discriminator's weight gradients in ``autograd.grad(L_G, generator parameters)``), and so do
+    these, by asking the engine whether it will run each input's node (``ctx.next_functions`` holds one per
+    tensor input, recorded by :func:`_mark_inputs`). Where torch cannot answer (it raises for a leaf that is
+    one of ``autograd.grad``'s inputs, and outside a backward pass), the gradient is computed."""
+    nodes = iter(ctx.next_functions)
+    out = []
+    for need, is_tensor in zip(ctx.needs_input_grad, ctx.tensor_inputs):
+        node = next(nodes)[0] if is_tensor else None
+        if need and node is not None:
+            try:
+                need = torch._C._will_engine_execute_node(node)
+            except (RuntimeError, AttributeError):
+                pass
+        out.append(bool(need))
+    return tuple(out)
+
+
+class Im2ColPair(torch.autograd.Function):
+    """(cols, cols) = im2col(s(m) x), the same as :class:`Im2Col`, returned twice (a tensor and a view of it)
+    so that two consumers' cotangents stay apart; with ``with_sum`` also the channel sums of s(m) x (the bias
+    gradient when x is an output gradient). The derivative is :class:`Col2Im` of both cotangents in one pass,
+    with the sum's cotangent as its bias."""
+
+    @staticmethod
+    def forward(ctx, x, geom, m=None, slope=None, with_sum=False):
+        _mark_inputs(ctx, x, geom, m, slope, with_sum)
+        ctx.set_materialize_grads(False)
+        ctx.geom, ctx.slope, ctx.shape = geom, slope, x.shape
+        if m is not None:
+            ctx.save_for_backward(m)
+        cols = _im2col(x, geom, m, slope)
+        if not with_sum:
+            return cols, cols.view_as(cols)
+        return cols, cols.view_as(cols), (x if m is None else leaky_relu_grad(x, m, slope)).sum((0, 2, 3))
+
+    @staticmethod
+    def backward(ctx, g1, g2, gs=None):
+        if not _needed(ctx)[0]:
+            return None, None, None, None, None
+        m = ctx.saved_tensors[0] if ctx.saved_tensors else None
+        if g1 is None:
+            g1, g2 = g2, None
+        if g1 is None:   # only the sum has a cotangent (or nothing has)
+            if gs is None:
+                return None, None, None, None, None
+            gx = gs.view(1, -1, 1, 1).expand(ctx.shape)
+            return (gx if m is None else leaky_relu_grad(gx, m, ctx.slope)), None, None, None, None
+        return Col2Im.apply(g1, gs, ctx.geom, m, ctx.slope, False, g2), None, None, None, None
+
+
+class Linear(torch.autograd.Function):
+    """y = xf wm^T (+ bias): a convolution's matrix product, where ``xw`` is ``xf`` again (the second output of
+    :class:`Im2ColPair`, the same memory): the product's derivative goes to xf, the weight gradient reads xw,
+    so that the second derivatives of the two reach the column matrix apart. Only correct when xw is xf."""
+
+    @staticmethod
+    def forward(ctx, xf, xw, wm, bias):
+        _mark_inputs(ctx, xf, xw, wm, bias)
+        if xw.data_ptr() != xf.data_ptr() or xw.shape != xf.shape:
+            raise ValueError("Linear: xw must be the same column matrix as xf (Im2ColPair's two outputs)")
+        ctx.save_for_backward(xw, wm)
+        ctx.has_bias = bias is not None
+        return xf @ wm.t() if bias is None else torch.addmm(bias, xf, wm.t())
+
+    @staticmethod
+    def backward(ctx, gy):
+        xw, wm = ctx.saved_tensors
+        nx, _, nw, nb = _needed(ctx)
+        gx, gw, gb = LinearGrad.apply(gy, xw, wm, nx, nw, nb and ctx.has_bias)
+        return gx, None, gw, gb
+
+
+class LinearGrad(torch.autograd.Function):
+    """(gx, gw, gb) = (gy wm, gy^T xw, sum_rows gy), each only where its flag asks: :class:`Linear`'s
+    vector-Jacobian product. Its own derivative sums the three terms of gy's cotangent, dgx wm^T + xw dgw^T
+    + dgb, in two matrix products (the second accumulating into the first, the bias as the first's addend)."""
+
+    @staticmethod
+    def forward(ctx, gy, xw, wm, need_x, need_w, need_b):
+        _mark_inputs(ctx, gy, xw, wm, need_x, need_w, need_b)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(gy, xw, wm)
+        return (gy @ wm if need_x else None, gy.t() @ xw if need_w else None,
+                gy.sum(0) if need_b else None)
+
+    @staticmethod
+    def backward(ctx, ggx, ggw, ggb):
+        gy, xw, wm = ctx.saved_tensors
+        need = _needed(ctx)
+        d_gy = d_xw = d_wm = None
+        if need[0]:
+            for a, b in ((ggx, None if ggx is None else wm.t()), (xw, None if ggw is None else ggw.t())):
+                if a is None or b is None:
+                    continue
+                if d_gy is None:
+                    d_gy = a @ b if ggb is None else torch.addmm(ggb, a, b)
+                else:
+                    d_gy = d_gy.addmm_(a, b)     # beta = 1: no separate sum
+            if d_gy is None and ggb is not None:
+                d_gy = ggb.expand(gy.shape)
+        if need[1] and ggw is not None:
+            d_xw = gy @ ggw
+        if need[2] and ggx is not None:
+            d_wm = gy.t() @ ggx
+        return d_gy, d_xw, d_wm, None, None, None
+
+
+class ConvTGemm(torch.autograd.Function):
+    """y = a(col2im(rows wm) + bias): a transposed convolution as one matrix product and col2im, where a is the
+    leaky ReLU of slope ``slope`` applied by col2im (none when slope is None). Its backward pass takes the output
+    gradient's columns once per product (:class:`Im2ColPair`, with the bias gradient), so that in a second
+    pass the two products' cotangents meet inside col2im instead of in a sum of column matrices."""
+
+    @staticmethod
+    def forward(ctx, rows, wm, bias, geom, slope=None):
+        _mark_inputs(ctx, rows, wm, bias, geom, slope)
+        act = slope is not None
+        y = _col2im(rows @ wm, bias, geom, None, slope, act)
+        ctx.geom, ctx.slope = geom, slope
+        ctx.save_for_backward(rows, wm, y if act else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        rows, wm, y = ctx.saved_tensors
+        n_rows, n_wm, n_b = _needed(ctx)[:3]
+        if not (n_rows or n_wm):   # the bias gradient alone: no columns
+            gb = (gy if y is None else leaky_relu_grad(gy, y, ctx.slope)).sum((0, 2, 3)) if n_b else None
+            return None, None, gb, None, None
+        gc, gc_w, *gb = Im2ColPair.apply(gy, ctx.geom, y, ctx.slope, n_b)
+        return (gc @ wm.t() if n_rows else None, rows.t() @ gc_w if n_wm else None,
+                gb[0] if n_b else None, None, None)
 
 
 def im2col(x: Tensor, kernel_size: int, stride: int, padding=(0, 0, 0, 0), layout: str = "pqc",
@@ -558,14 +752,20 @@ def conv2d_gemm(x: Tensor, weight: Tensor, bias, stride: int, padding=(0, 0, 0, 
     matrix product, im2col or col2im. The output is an NCHW view of channels-last memory. With ``in_slope``
     the input is the pre-activation of a leaky ReLU, which im2col applies as it reads (the layer computes
     ``conv(leaky_relu(x, in_slope))``; its derivatives mask inside col2im / im2col: no activation kernels).
+    With ``PAIR_COLUMNS`` the column matrix goes to the product and to its weight gradient as two handles
+    (:class:`Im2ColPair`, :class:`Linear`): a second backward pass then adds their cotangents inside col2im.
     """
     b = x.shape[0]
     c_out, _, k, _ = weight.shape
     g = _geometry(x.shape[-2:], k, stride, padding, COLS_LAYOUT)
-    cols = Im2Col.apply(x, g, None if in_slope is None else x,           # [B Ho Wo, k k C]
-                        None if in_slope is None else float(in_slope))
+    m, slope = (None, None) if in_slope is None else (x, float(in_slope))
     wm = _weight_matrix(weight, g.layout)                                 # [O, k k C]
-    y = cols @ wm.t() if bias is None else torch.addmm(bias, cols, wm.t())   # [B Ho Wo, O]
+    if PAIR_COLUMNS:
+        cols, cols_w = Im2ColPair.apply(x, g, m, slope)                   # [B Ho Wo, k k C], twice
+        y = Linear.apply(cols, cols_w, wm, bias)                          # [B Ho Wo, O]
+    else:
+        cols = Im2Col.apply(x, g, m, slope)
+        y = cols @ wm.t() if bias is None else torch.addmm(bias, cols, wm.t())
     return y.view(b, g.ho, g.wo, c_out).permute(0, 3, 1, 2)
 
 
@@ -577,6 +777,8 @@ def conv_transpose2d_gemm(x: Tensor, weight: Tensor, bias, stride: int, padding:
     end (bottom, right) inside col2im, which also adds the bias (:func:`col2im`: on CUDA one Triton kernel
     writing channels-last memory). The rows [B H W, C_in] are a free view of channels-last input. With
     ``out_slope``, col2im also applies a leaky ReLU (``leaky_relu(conv_transpose(x), out_slope)``).
+    With ``PAIR_COLUMNS`` the layer is one Function (:class:`ConvTGemm`) whose backward pass takes the output
+    gradient's columns twice, one handle per product, for the same reason.
     """
     b, c_in, h, w = x.shape
     _, c_out, k, _ = weight.shape
@@ -584,5 +786,9 @@ def conv_transpose2d_gemm(x: Tensor, weight: Tensor, bias, stride: int, padding:
     size = (hf - 2 * padding - crop_after, wf - 2 * padding - crop_after)
     g = _geometry(size, k, stride, (padding, padding + crop_after, padding, padding + crop_after), COLS_LAYOUT)
     rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c_in)                # free for channels-last input
-    cols = rows @ _weight_matrix(weight, g.layout)                        # [B H W, k k O]
-    return _col2im_act(cols, bias, g, out_slope)
+    wm = _weight_matrix(weight, g.layout)                                 # [C_in, k k O]
+    if not PAIR_COLUMNS:
+        return _col2im_act(rows @ wm, bias, g, out_slope)
+    if out_slope is not None and not out_slope > 0:   # as _col2im_act
+        raise ValueError(f"a leaky ReLU fused into col2im needs a positive slope, got {out_slope}")
+    return ConvTGemm.apply(rows, wm, bias, g, None if out_slope is None else float(out_slope))

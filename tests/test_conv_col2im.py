@@ -104,6 +104,36 @@ def _check_gradcheck(fast_mode=False):
     # with the leaky ReLU fused in (piecewise linear: the random points are away from its kink)
     assert gradgradcheck(lambda a, b, d: conv.conv2d_gemm(a, b, d, 2, pad, in_slope=0.2), (x, w, bw))
     assert gradgradcheck(lambda a, b, d: conv.conv_transpose2d_gemm(a, b, d, 2, 1, 1, out_slope=0.2), (xt, wt, bw))
+    # third derivatives (the first derivatives' gradgradcheck), through LinearGrad's and Im2ColPair's derivatives
+    for fn, inputs in ((lambda a, b, d: conv.conv2d_gemm(a, b, d, 2, pad, in_slope=0.2), (x, w, bw)),
+                       (lambda a, b, d: conv.conv_transpose2d_gemm(a, b, d, 2, 1, 1, out_slope=0.2), (xt, wt, bw))):
+        def first(*t, fn=fn):
+            y = fn(*t)
+            return torch.autograd.grad((y * y).sum(), t, create_graph=True)
+        assert gradgradcheck(first, inputs)
+    # the paired pieces alone: the column matrix twice with its channel sums, masked; two column sources; the
+    # matrix products' vector-Jacobian product
+    g = conv._geometry((5, 6), 3, 2, pad)
+    m = _rand(1, 2, 5, 6, gen=gen)
+    c2 = _rand(3 * 4, 2 * 9, gen=gen).requires_grad_()
+    gy, xw, wm = (_rand(6, 3, gen=gen).requires_grad_(), _rand(6, 4, gen=gen).requires_grad_(),
+                  _rand(3, 4, gen=gen).requires_grad_())
+    for fn, inputs in ((lambda t: conv.Im2ColPair.apply(t, g, m, 0.2, True), (x,)),
+                       (lambda t: conv.Im2ColPair.apply(t, g), (x,)),
+                       (lambda a, b, d: conv.Col2Im.apply(a, d, g, m, 0.2, False, b), (c, c2, bias)),
+                       (lambda a, b, d: conv.LinearGrad.apply(a, b, d, True, True, True), (gy, xw, wm))):
+        assert gradcheck(fn, inputs) and gradgradcheck(fn, inputs)
+    # (gradcheck differentiates one output at a time: all cotangents at once, against torch's own products)
+    cot = [_rand(6, 4, gen=gen), _rand(3, 4, gen=gen), _rand(3, gen=gen)]
+    got = torch.autograd.grad(conv.LinearGrad.apply(gy, xw, wm, True, True, True), (gy, xw, wm), cot)
+    ref = torch.autograd.grad((gy @ wm, gy.t() @ xw, gy.sum(0)), (gy, xw, wm), cot)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    cot = [_rand(4 * 3, conv._width(18), gen=gen) for _ in range(2)] + [_rand(2, gen=gen)]
+    got = torch.autograd.grad(conv.Im2ColPair.apply(x, g, m, 0.2, True), x, cot)[0]
+    ref = torch.autograd.grad((conv.Im2Col.apply(x, g, m, 0.2), torch.where(m > 0, x, 0.2 * x)), x,
+                              (cot[0] + cot[1], cot[2].view(1, -1, 1, 1).expand_as(x)))[0]
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
 
 
 def _mini_gan(gen):
@@ -163,8 +193,12 @@ def _check_conopt_matches_native():
                 assert len(out) == len(ref)
                 for a, b in zip(out, ref):
                     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    finally:
         conv.COLS_LAYOUT = default
+        conv.PAIR_COLUMNS = False   # the earlier form of the GEMM layers
+        for a, b in zip(_run_gan("gemm-fused", g_params, d_params, z, x), ref):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    finally:
+        conv.COLS_LAYOUT, conv.PAIR_COLUMNS = default, True
     assert all(t.abs().max() > 1e-6 for t in ref[-8:])   # second derivatives are non-trivial
 
 
@@ -189,12 +223,25 @@ def _check_values_against_torch_path():
             a, b = conv._col2im_triton(cols, bias, g), conv._col2im_torch(cols, bias, g)
             assert a.shape == b.shape, ("col2im", a.shape, b.shape)
             torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+            # a second column source (Im2ColPair's derivative), laid out otherwise (transposed storage)
+            cols2 = _rand(cols.shape[1], cols.shape[0], gen=gen).t()
+            a2 = conv._col2im_triton(cols, bias, g, cols2=cols2)
+            torch.testing.assert_close(a2, conv._col2im_torch(cols, bias, g, cols2=cols2), rtol=1e-13, atol=1e-13)
+            torch.testing.assert_close(a2, conv._col2im_torch(cols + cols2, bias, g), rtol=1e-13, atol=1e-13)
+            assert (a2 != a).any()
+            if bias is not None:   # a strided bias (Im2ColPair's derivative passes a cotangent as the bias)
+                sb = _rand(2 * bias.shape[0], gen=gen)[::2]
+                torch.testing.assert_close(conv._col2im_triton(cols, sb, g, cols2=cols2),
+                                           conv._col2im_torch(cols, sb, g, cols2=cols2), rtol=1e-13, atol=1e-13)
             if masks:
                 m = torch.randn(b.shape, generator=gen, dtype=b.dtype)
                 for kw in (dict(m=m), dict(act=True)):
                     a, b2 = conv._col2im_triton(cols, bias, g, slope=0.2, **kw), conv._col2im_torch(cols, bias, g, slope=0.2, **kw)
                     torch.testing.assert_close(a, b2, rtol=1e-13, atol=1e-13)
                     assert (a != b).any()
+                    torch.testing.assert_close(conv._col2im_triton(cols, bias, g, slope=0.2, cols2=cols2, **kw),
+                                               conv._col2im_torch(cols + cols2, bias, g, slope=0.2, **kw),
+                                               rtol=1e-13, atol=1e-13)
 
     for size in (32, 64):
         for c_in, c_out, h in _G_LAYERS[size]:   # G: col2im (forward, bias, SAME crop), im2col (backward)
@@ -250,6 +297,92 @@ def test_gradcheck_and_gradgradcheck():
 
 def test_gemm_convolutions_match_native_values_and_conopt_second_derivatives():
     _check_conopt_matches_native()
+
+
+def _column_sums(pair: bool) -> tuple:
+    """Run the mini GAN's ConOpt gradient with the GEMM layers (PAIR_COLUMNS = ``pair``) and return the
+    shapes of the additions of column matrices (2-D, [12 or 48 rows, 52 or 76 columns]; the weight matrices
+    have 2-4 rows; the torch col2im's own sum of two sources stands for the Triton kernel's and is not counted) and of the
+    matrix products computed during ``autograd.grad(L_G, generator parameters)``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    gen = torch.Generator().manual_seed(5)
+    g_params, d_params, z, x = _mini_gan(gen)
+    record = {"on": False, "adds": [], "mm": []}
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.__name__.split(".")[0]
+            if record["on"] and name in ("add", "add_") and out.dim() == 2 and min(out.shape) >= 12:
+                record["adds"].append(tuple(out.shape))
+            if record["on"] == "g" and name in ("mm", "addmm", "addmm_"):
+                record["mm"].append(tuple(out.shape))
+            return out
+
+    col2im_torch = conv._col2im_torch
+
+    def quiet_col2im(*a, **k):
+        on, record["on"] = record["on"], False
+        try:
+            return col2im_torch(*a, **k)
+        finally:
+            record["on"] = on
+
+    saved = conv.PAIR_COLUMNS, conv._col2im_torch
+    conv.PAIR_COLUMNS, conv._col2im_torch = pair, quiet_col2im
+    try:
+        g1, gb1, g2, gb2 = g_params
+        d1, db1, d2, db2 = d_params
+        G = lambda t: torch.tanh(conv.conv_transpose2d_gemm(  # noqa: E731
+            conv.conv_transpose2d_gemm(t, g1, gb1, 2, 1, 1, out_slope=0.2), g2, gb2, 2, 1, 1))
+        D = lambda t: conv.conv2d_gemm(conv.conv2d_gemm(t, d1, db1, 2, SAME), d2, db2, 2, SAME,  # noqa: E731
+                                       in_slope=0.2).sum((1, 2, 3))
+        with Spy():
+            d_fake = D(G(z))
+            loss_d = F.softplus(-D(x)).mean() + F.softplus(d_fake).mean()
+            record["on"] = "g"
+            u = list(torch.autograd.grad(F.softplus(-d_fake).mean(), g_params, create_graph=True))
+            record["on"] = True
+            u += list(torch.autograd.grad(loss_d, d_params, create_graph=True))
+            torch.autograd.grad(u, g_params + d_params, grad_outputs=[t.detach() for t in u])
+    finally:
+        conv.PAIR_COLUMNS, conv._col2im_torch = saved
+    return record["adds"], record["mm"]
+
+
+def test_conopt_adds_no_column_matrices_and_skips_unrequested_weight_gradients():
+    """With PAIR_COLUMNS the second backward pass sums no column matrix as a tensor (their two cotangents meet in
+    col2im); in the earlier form it does. And the generator's gradient pass computes no discriminator weight
+    gradient (D's weight matrices: [3, 52] and [2, 76]; G's are [4, 76] and [3, 52]), as torch's own nodes do
+    not."""
+    adds, mm = _column_sums(pair=True)
+    assert adds == [], adds
+    assert (2, 76) not in mm and mm.count((3, 52)) == 1, mm
+    assert (4, 76) in mm   # G's weight gradients are computed
+    adds_before, _ = _column_sums(pair=False)
+    assert len(adds_before) >= 4, adds_before
+
+
+def test_transposed_gemm_layer_gives_the_bias_gradient_alone():
+    """ConvTGemm's backward pass when only the bias gradient is asked for (no columns), with and without the
+    fused leaky ReLU, against the native transposed convolution."""
+    gen = torch.Generator().manual_seed(6)
+    x, w, b = (_rand(2, 4, 3, 3, gen=gen).requires_grad_(), _rand(4, 3, 5, 5, gen=gen).requires_grad_(),
+               _rand(3, gen=gen).requires_grad_())
+    r = _rand(2, 3, 6, 6, gen=gen)
+    for slope in (None, 0.2):
+        y = conv.conv_transpose2d_gemm(x, w, b, 2, 1, 1, out_slope=slope)
+        y_ref = F.conv_transpose2d(x, w, b, stride=2, padding=1)[..., :-1, :-1]
+        y_ref = y_ref if slope is None else F.leaky_relu(y_ref, slope)
+        got, = torch.autograd.grad((y * r).sum(), [b])
+        torch.testing.assert_close(got, torch.autograd.grad((y_ref * r).sum(), [b])[0], rtol=1e-12, atol=1e-12)
+
+
+def test_linear_needs_the_same_column_matrix_twice():
+    x = torch.randn(6, 4)
+    with pytest.raises(ValueError, match="same column matrix"):
+        conv.Linear.apply(x, x.clone(), torch.randn(3, 4), None)
+    torch.testing.assert_close(conv.Linear.apply(x, x.view_as(x), torch.eye(3, 4), None), x[:, :3])
 
 
 def test_cpu_uses_the_torch_path_and_bad_shapes_raise():

@@ -53,7 +53,8 @@ def test_mog_kernels_compile(kernel, consts, precision, tile, num_warps):
 
 # numgan.conv: 5x5 stride-2 layers (dcgan: 75/76-column and 1600-column matrices) and 3x3 stride-1 (ResNet)
 _IM2COL_INTS = "n_rows n_cols n_valid C H W Ho Wo top left x_b x_c x_h x_w m_b m_c m_h m_w".split()
-_COL2IM_INTS = "n_pos C H W Ho Wo top left s_b s_i s_j s_p s_q s_c o_b o_c o_h o_w m_b m_c m_h m_w".split()
+_COL2IM_INTS = ("n_pos C H W Ho Wo top left s_b s_i s_j s_p s_q s_c t_b t_i t_j t_p t_q t_c o_b o_c o_h o_w "
+                "m_b m_c m_h m_w").split()
 
 
 @pytest.mark.parametrize("k,s,cpq,mask,mask_self,br,bj", [
@@ -65,12 +66,13 @@ def test_im2col_compiles(k, s, cpq, mask, mask_self, br, bj):
                                                BLOCK_R=br, BLOCK_J=bj))
 
 
-@pytest.mark.parametrize("k,s,bias,mask,act,bp,bc", [
-    (5, 2, True, False, False, 32, 64), (5, 2, False, True, False, 32, 64), (5, 2, True, False, True, 128, 16),
-    (3, 1, True, True, False, 32, 64)])
-def test_col2im_compiles(k, s, bias, mask, act, bp, bc):
-    types = dict(cols=P32, bias=P32, out=P32, mask_src=P32, slope=P32, **{n: I32 for n in _COL2IM_INTS})
-    _compiles(conv._col2im_kernel, types, dict(K=k, S=s, KT=-(-k // s), HAS_BIAS=bias, MASK=mask, ACT=act,
+@pytest.mark.parametrize("k,s,bias,two,mask,act,bp,bc", [
+    (5, 2, True, False, False, False, 32, 64), (5, 2, False, False, True, False, 32, 64),
+    (5, 2, True, False, False, True, 128, 16), (3, 1, True, False, True, False, 32, 64),
+    (5, 2, True, True, True, False, 32, 64), (5, 2, False, True, False, False, 128, 16)])   # TWO: Im2ColPair's
+def test_col2im_compiles(k, s, bias, two, mask, act, bp, bc):
+    types = dict(cols=P32, cols2=P32, bias=P32, out=P32, mask_src=P32, slope=P32, **{n: I32 for n in _COL2IM_INTS})
+    _compiles(conv._col2im_kernel, types, dict(K=k, S=s, KT=-(-k // s), HAS_BIAS=bias, TWO=two, MASK=mask, ACT=act,
                                                ACC=_triton.tl.float32, BLOCK_P=bp, BLOCK_C=bc))
 
 
