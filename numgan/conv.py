@@ -224,6 +224,12 @@ def _mask(t: Tensor, m, slope) -> Tensor:
     return t if m is None else torch.where(m > 0, t, t * slope)
 
 
+def _channel_sums(t: Tensor, m, slope) -> Tensor:
+    """Sum over batch and space of t masked by the leaky ReLU's derivative at m (m None: of t): a bias gradient,
+    differentiable in t (numgan.activations.leaky_relu_grad)."""
+    return (t if m is None else leaky_relu_grad(t, m, slope)).sum((0, 2, 3))
+
+
 def _im2col_torch(x: Tensor, g: _Geom, m=None, slope=None) -> Tensor:
     """im2col as a strided view (``Tensor.unfold``) of the zero-padded image, copied once (of x masked by
     the leaky ReLU's derivative at m when m is given: the patches of leaky_relu(x) when m is x)."""
@@ -527,7 +533,7 @@ class Col2Im(torch.autograd.Function):
                 gc = gc[:, :ctx.width]
         gb = None
         if need[1]:
-            gb = (gy if m is None else leaky_relu_grad(gy, m, ctx.slope)).sum((0, 2, 3))
+            gb = _channel_sums(gy, m, ctx.slope)
         grads = (gc if need[0] else None, gb, None, None, None, None, gc if need[6] else None)
         return grads[:len(ctx.needs_input_grad)]
 
@@ -588,7 +594,7 @@ class Im2ColPair(torch.autograd.Function):
         cols = _im2col(x, geom, m, slope)
         if not with_sum:
             return cols, cols.view_as(cols)
-        return cols, cols.view_as(cols), (x if m is None else leaky_relu_grad(x, m, slope)).sum((0, 2, 3))
+        return cols, cols.view_as(cols), _channel_sums(x, m, slope)
 
     @staticmethod
     def backward(ctx, g1, g2, gs=None):
@@ -616,14 +622,13 @@ class Linear(torch.autograd.Function):
         if xw.data_ptr() != xf.data_ptr() or xw.shape != xf.shape:
             raise ValueError("Linear: xw must be the same column matrix as xf (Im2ColPair's two outputs)")
         ctx.save_for_backward(xw, wm)
-        ctx.has_bias = bias is not None
         return xf @ wm.t() if bias is None else torch.addmm(bias, xf, wm.t())
 
     @staticmethod
     def backward(ctx, gy):
         xw, wm = ctx.saved_tensors
         nx, _, nw, nb = _needed(ctx)
-        gx, gw, gb = LinearGrad.apply(gy, xw, wm, nx, nw, nb and ctx.has_bias)
+        gx, gw, gb = LinearGrad.apply(gy, xw, wm, nx, nw, nb)   # nb is False for a None bias
         return gx, None, gw, gb
 
 
@@ -645,15 +650,14 @@ class LinearGrad(torch.autograd.Function):
         gy, xw, wm = ctx.saved_tensors
         need = _needed(ctx)
         d_gy = d_xw = d_wm = None
-        if need[0]:
-            for a, b in ((ggx, None if ggx is None else wm.t()), (xw, None if ggw is None else ggw.t())):
-                if a is None or b is None:
-                    continue
-                if d_gy is None:
-                    d_gy = a @ b if ggb is None else torch.addmm(ggb, a, b)
-                else:
+        if need[0]:   # dgx wm^T + xw dgw^T + dgb, from the cotangents that are present
+            terms = ([(ggx, wm.t())] if ggx is not None else []) + ([(xw, ggw.t())] if ggw is not None else [])
+            if terms:
+                (a, b), rest = terms[0], terms[1:]
+                d_gy = a @ b if ggb is None else torch.addmm(ggb, a, b)
+                for a, b in rest:
                     d_gy = d_gy.addmm_(a, b)     # beta = 1: no separate sum
-            if d_gy is None and ggb is not None:
+            elif ggb is not None:
                 d_gy = ggb.expand(gy.shape)
         if need[1] and ggw is not None:
             d_xw = gy @ ggw
@@ -682,8 +686,7 @@ class ConvTGemm(torch.autograd.Function):
         rows, wm, y = ctx.saved_tensors
         n_rows, n_wm, n_b = _needed(ctx)[:3]
         if not (n_rows or n_wm):   # the bias gradient alone: no columns
-            gb = (gy if y is None else leaky_relu_grad(gy, y, ctx.slope)).sum((0, 2, 3)) if n_b else None
-            return None, None, gb, None, None
+            return None, None, _channel_sums(gy, y, ctx.slope) if n_b else None, None, None
         gc, gc_w, *gb = Im2ColPair.apply(gy, ctx.geom, y, ctx.slope, n_b)
         return (gc @ wm.t() if n_rows else None, rows.t() @ gc_w if n_wm else None,
                 gb[0] if n_b else None, None, None)
@@ -725,12 +728,21 @@ def col2im(cols: Tensor, size, kernel_size: int, stride: int, padding=(0, 0, 0, 
     return _col2im_act(cols, bias, g, slope)
 
 
+def _act_slope(slope):
+    """The slope of a leaky ReLU fused into col2im as a float (None: none); it must be positive, for the output's
+    sign stands for the pre-activation's only then (the derivative is masked at the output)."""
+    if slope is None:
+        return None
+    if not slope > 0:
+        raise ValueError(f"a leaky ReLU fused into col2im needs a positive slope, got {slope}")
+    return float(slope)
+
+
 def _col2im_act(cols: Tensor, bias, g: _Geom, slope) -> Tensor:
+    slope = _act_slope(slope)
     if slope is None:
         return Col2Im.apply(cols, bias, g)
-    if not slope > 0:   # y's sign stands for the pre-activation's only for a positive slope
-        raise ValueError(f"a leaky ReLU fused into col2im needs a positive slope, got {slope}")
-    return Col2Im.apply(cols, bias, g, None, float(slope), True)
+    return Col2Im.apply(cols, bias, g, None, slope, True)
 
 
 def _weight_matrix(weight: Tensor, layout: str) -> Tensor:
@@ -789,6 +801,4 @@ def conv_transpose2d_gemm(x: Tensor, weight: Tensor, bias, stride: int, padding:
     wm = _weight_matrix(weight, g.layout)                                 # [C_in, k k O]
     if not PAIR_COLUMNS:
         return _col2im_act(rows @ wm, bias, g, out_slope)
-    if out_slope is not None and not out_slope > 0:   # as _col2im_act
-        raise ValueError(f"a leaky ReLU fused into col2im needs a positive slope, got {out_slope}")
-    return ConvTGemm.apply(rows, wm, bias, g, None if out_slope is None else float(out_slope))
+    return ConvTGemm.apply(rows, wm, bias, g, _act_slope(out_slope))
